@@ -1,0 +1,214 @@
+r"""Blocks: which parameters are preconditioned together, and the tensor view they take.
+
+A :class:`Block` is the unit the three parts work on. It has a *view shape*
+:math:`d_1 \times \cdots \times d_k` (one Kronecker factor per mode) and a *layout* that maps the
+block's parameters into that view and back.
+
+Default view rule (:func:`view_shape_for`), one block per parameter:
+
+==============================  ===========================================
+parameter shape                 view
+==============================  ===========================================
+``()`` (0-d)                    ``(1,)``: one 1 x 1 factor
+``(d,)`` (bias, norm scale)     ``(d,)``: one full d x d factor
+``(out, in)``                   ``(out, in)``
+``(out, in, kh, kw)`` (conv)    ``(out, in, kh*kw)``
+``(d1, d2, d3)``                ``(d1, d2, d3)``
+rank r >= 4                     ``(d1, d2, d3*...*dr)`` (conv weights generalise)
+==============================  ===========================================
+
+after which modes of size 1 are dropped (a 1 x 1 factor only rescales; a ``(out, in, 1, 1)``
+convolution is preconditioned as the ``(out, in)`` matrix it is), keeping at least one mode.
+A mode larger than ``max_factor_dim`` gets no dense factor: it is marked *unfactored* and the
+preconditioner leaves that mode as it is (identity).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+__all__ = [
+    "Block",
+    "BlockPlan",
+    "HomogeneousLayout",
+    "Layout",
+    "ReshapeLayout",
+    "default_block",
+    "view_shape_for",
+]
+
+
+def view_shape_for(shape: Sequence[int]) -> tuple[tuple[int, ...], str]:
+    """The default view of a parameter shape and a short description of the rule used."""
+    shape = tuple(int(s) for s in shape)
+    rank = len(shape)
+    if rank == 0:
+        view, rule = (1,), "scalar as (1,)"
+    elif rank == 1:
+        view, rule = shape, "vector"
+    elif rank == 2:
+        view, rule = shape, "matrix (out, in)"
+    elif rank == 3:
+        view, rule = shape, "3-tensor"
+    else:
+        view, rule = (shape[0], shape[1], math.prod(shape[2:])), "conv (out, in, prod(kernel))"
+    squeezed = tuple(d for d in view if d != 1) or (1,)
+    if squeezed != view:
+        rule += ", size-1 modes dropped"
+    return squeezed, rule
+
+
+class Layout(ABC):
+    """Maps a block's parameters (or their gradients) to the view and back."""
+
+    @abstractmethod
+    def to_view(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Parameters (or gradients, buffers) of the block -> one view-shaped tensor."""
+
+    @abstractmethod
+    def from_view(self, view: Tensor) -> list[Tensor]:
+        """A view-shaped tensor -> one tensor per parameter, in ``params`` order."""
+
+
+@dataclass(frozen=True)
+class ReshapeLayout(Layout):
+    """A single parameter viewed by reshaping (no copy for contiguous tensors)."""
+
+    param_shape: tuple[int, ...]
+    view_shape: tuple[int, ...]
+
+    def to_view(self, tensors: Sequence[Tensor]) -> Tensor:
+        (t,) = tensors
+        return t.reshape(self.view_shape)
+
+    def from_view(self, view: Tensor) -> list[Tensor]:
+        return [view.reshape(self.param_shape)]
+
+
+@dataclass(frozen=True)
+class HomogeneousLayout(Layout):
+    r"""A layer's weight and optional bias as one matrix ``(out, in_flat [+ 1])``.
+
+    The weight (``(out, ...)``) is flattened to ``(out, in_flat)`` and the bias, when present,
+    appended as the last column (the homogeneous coordinate used by KFAC and K-BFGS).
+    """
+
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+
+    def to_view(self, tensors: Sequence[Tensor]) -> Tensor:
+        weight = rearrange(tensors[0], "o ... -> o (...)")
+        if not self.has_bias:
+            return weight
+        return torch.cat([weight, tensors[1].unsqueeze(1)], dim=1)
+
+    def from_view(self, view: Tensor) -> list[Tensor]:
+        if not self.has_bias:
+            return [view.reshape(self.weight_shape)]
+        return [view[:, :-1].reshape(self.weight_shape), view[:, -1]]
+
+
+@dataclass(eq=False)
+class Block:
+    """One preconditioning block.
+
+    Attributes:
+        name: a readable name (parameter or module name).
+        params: the parameters the block covers, in layout order.
+        shape: the view shape, one entry per mode.
+        factored: per mode, whether it gets a dense factor (``False`` = identity).
+        layout: maps parameters to the view and back.
+        group: index of the param group the block's parameters belong to.
+        rule: how the view was chosen (shown in the block plan).
+        kind: what the preconditioner does with it (``"kronecker"`` or a fallback name).
+        module: the layer, for layer-based estimators.
+    """
+
+    name: str
+    params: tuple[torch.nn.Parameter, ...]
+    shape: tuple[int, ...]
+    factored: tuple[bool, ...]
+    layout: Layout
+    group: int
+    rule: str = ""
+    kind: str = "kronecker"
+    module: torch.nn.Module | None = None
+
+    @property
+    def order(self) -> int:
+        """The number of modes ``k`` of the view."""
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_view(self, tensors: Sequence[Tensor]) -> Tensor:
+        return self.layout.to_view(tensors)
+
+    def from_view(self, view: Tensor) -> list[Tensor]:
+        return self.layout.from_view(view)
+
+    def describe(self) -> dict[str, object]:
+        modes = " x ".join(f"{d}{'' if f else '(id)'}" for d, f in zip(self.shape, self.factored))
+        return {
+            "block": self.name,
+            "params": ", ".join(str(tuple(p.shape)) for p in self.params),
+            "view": modes,
+            "rule": self.rule,
+            "kind": self.kind,
+            "group": self.group,
+        }
+
+
+def default_block(
+    name: str, param: torch.nn.Parameter, group: int, *, max_factor_dim: int | None
+) -> Block:
+    """One block for one parameter with the default view rule (see module docstring)."""
+    shape, rule = view_shape_for(param.shape)
+    factored = tuple(max_factor_dim is None or d <= max_factor_dim for d in shape)
+    if not all(factored):
+        rule += f", modes > max_factor_dim={max_factor_dim} unfactored"
+    return Block(
+        name=name,
+        params=(param,),
+        shape=shape,
+        factored=factored,
+        layout=ReshapeLayout(tuple(param.shape), shape),
+        group=group,
+        rule=rule,
+    )
+
+
+@dataclass
+class BlockPlan:
+    """The list of blocks an optimizer built, printable as a table."""
+
+    blocks: list[Block] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def rows(self) -> list[dict[str, object]]:
+        return [b.describe() for b in self.blocks]
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        if not rows:
+            return "(no blocks)"
+        cols = list(rows[0])
+        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+        line = "  ".join(c.ljust(widths[c]) for c in cols)
+        out = [line, "  ".join("-" * widths[c] for c in cols)]
+        out += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+        return "\n".join(out)

@@ -1,0 +1,285 @@
+r"""The three part interfaces and the small value types they exchange.
+
+Every curvature method in curvkit is a composition of three parts, each with one job:
+
+* a :class:`CurvatureEstimator` turns *evidence* (a sampled-target gradient, the minibatch
+  gradient, or layer inputs and output gradients) into per-mode statistics and hands the
+  optimizer one matrix per tensor mode to invert (or ``None`` for an identity mode);
+* an :class:`Inverter` turns a batch of same-size symmetric factors into their preconditioning
+  matrices, for example :math:`(U + \epsilon I)^{-p}`;
+* a :class:`Preconditioner` forms the update direction from the (momentum) buffer and the
+  inverted factors, for example :math:`P = M \times_1 V_1 \times_2 \cdots \times_k V_k`.
+
+The optimizer (:class:`curvkit.CurvatureOptimizer`) owns the schedule, the per-block state,
+momentum, weight decay and the collection of evidence; the parts are stateless apart from their
+frozen, validated config.  Per-block state is a plain ``dict`` of tensors and Python values that
+each part creates in ``init_state`` and mutates in place, so that ``state_dict`` can hold it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .blocks import Block
+    from .hooks import LayerRecorder
+
+__all__ = [
+    "BlockEvidence",
+    "CurvatureEstimator",
+    "EvidenceSpec",
+    "Factor",
+    "Inverter",
+    "Part",
+    "PartConfig",
+    "Preconditioner",
+    "Source",
+]
+
+
+class Source(str, enum.Enum):
+    """Which backward pass provides an estimator's evidence.
+
+    ``SAMPLED``: the backward of the loss whose targets are sampled from the model's own
+    predictive distribution (true Fisher), run by
+    :meth:`~curvkit.CurvatureOptimizer.update_curvature`.
+    ``MINIBATCH``: the ordinary backward of the user's loss with the true labels (empirical
+    Fisher, Shampoo), read in :meth:`~curvkit.CurvatureOptimizer.step`.
+    """
+
+    SAMPLED = "sampled"
+    MINIBATCH = "minibatch"
+
+
+@dataclass(frozen=True)
+class EvidenceSpec:
+    """What an estimator needs the optimizer to collect.
+
+    Attributes:
+        source: which backward pass the statistics come from.
+        layer_io: the estimator needs module inputs, outputs and output gradients (KFAC,
+            K-BFGS); the optimizer then needs the ``model`` and records them with a
+            :class:`~curvkit.hooks.LayerRecorder`.
+        closure: the estimator needs the loss re-evaluated on the same batch after the
+            parameter update (K-BFGS), so :meth:`~curvkit.CurvatureOptimizer.step` requires a
+            closure.
+    """
+
+    source: Source = Source.SAMPLED
+    layer_io: bool = False
+    closure: bool = False
+
+
+@dataclass
+class BlockEvidence:
+    """The evidence for one block on one statistics update.
+
+    Attributes:
+        gradients: one gradient per parameter of the block (sampled or minibatch, as the
+            estimator's :class:`EvidenceSpec` asked), ``None`` where autograd produced none.
+        layer: for ``layer_io`` estimators, the recorder holding the block module's recorded
+            inputs, outputs and output gradients; otherwise ``None``.
+        batch_size: number of examples behind the evidence, when known.
+    """
+
+    gradients: list[Tensor | None]
+    layer: "LayerRecorder | None" = None
+    batch_size: int | None = None
+
+
+class Factor(NamedTuple):
+    """A symmetric positive semi-definite matrix to invert, with its damping.
+
+    ``damping`` is a Python float or a 0-d tensor (a tensor keeps data-dependent damping such as
+    KFAC's pi-adjusted split free of host synchronisation).
+    """
+
+    matrix: Tensor
+    damping: float | Tensor
+
+
+@dataclass(frozen=True)
+class PartConfig:
+    """Base class of the frozen dataclass configs of parts.
+
+    Subclasses validate their fields in ``__post_init__`` and raise :class:`ValueError` naming the
+    field, the value and what is accepted.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a dict of plain Python values (what ``state_dict`` stores)."""
+        return dataclasses.asdict(self)
+
+
+class Part(ABC):
+    """Common behaviour of estimators, preconditioners and inverters.
+
+    A part is built from keyword options (validated through its ``Config`` dataclass) or from a
+    ready ``Config``; it keeps no per-block state of its own.
+    """
+
+    Config: ClassVar[type[PartConfig]] = PartConfig
+    #: The registry name, set by :func:`curvkit.register`.
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: PartConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise ValueError(
+                f"{type(self).__name__}: pass either config= or keyword options, not both "
+                f"(got config and {sorted(options)})"
+            )
+        if config is None:
+            known = {f.name for f in dataclasses.fields(self.Config)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise ValueError(
+                    f"{type(self).__name__} got unknown option(s) {unknown}; "
+                    f"valid options are {sorted(known)}"
+                )
+            config = self.Config(**options)
+        elif not isinstance(config, self.Config):
+            raise ValueError(
+                f"{type(self).__name__} expects config of type {self.Config.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+class CurvatureEstimator(Part):
+    r"""Turns evidence into per-mode curvature statistics of each block.
+
+    The contract, per block:
+
+    1. :meth:`init_state` creates the block's statistics (a dict of tensors/values).
+    2. :meth:`update` folds one piece of evidence into them, in place. With ``decay=None`` it
+       applies its own averaging rule (for example an EMA whose first update sets the
+       statistics); with an explicit ``decay`` it computes
+       :math:`S \leftarrow \text{decay}\, S + (1 - \text{decay})\, \hat S`, which the warm start
+       uses with ``decay = n / (n + 1)`` for an exact mean over batches.
+    3. :meth:`factors` returns, for each mode of the block's view, a :class:`Factor` to invert or
+       ``None`` (identity on that mode), or ``None`` altogether while no statistics exist.
+
+    Estimators that need layer data override :meth:`plan` (to build blocks from modules) and
+    declare ``layer_io`` in :attr:`evidence`. Estimators that need a second evaluation after the
+    step (K-BFGS) declare ``closure`` and implement :meth:`after_step`.
+    """
+
+    @property
+    def evidence(self) -> EvidenceSpec:
+        """The evidence this estimator needs (may depend on the config)."""
+        return EvidenceSpec()
+
+    def plan(
+        self,
+        named_params: Sequence[tuple[str, torch.nn.Parameter, int]],
+        *,
+        model: torch.nn.Module | None,
+        max_factor_dim: int | None,
+    ) -> list["Block"]:
+        """Group parameters into blocks with tensor views.
+
+        Args:
+            named_params: ``(name, parameter, param_group_index)`` for every parameter.
+            model: the model, when the optimizer was given one.
+            max_factor_dim: modes larger than this get no dense factor.
+
+        Returns:
+            Blocks covering every parameter exactly once. The default is one block per
+            parameter with the standard views of :func:`curvkit.blocks.default_block`.
+        """
+        from .blocks import default_block
+
+        return [default_block(name, p, gi, max_factor_dim=max_factor_dim) for name, p, gi in named_params]
+
+    @abstractmethod
+    def init_state(self, block: "Block") -> dict[str, Any]:
+        """Create the statistics of a block (before any evidence)."""
+
+    @abstractmethod
+    def update(
+        self,
+        block: "Block",
+        state: dict[str, Any],
+        evidence: BlockEvidence,
+        *,
+        decay: float | None = None,
+    ) -> None:
+        """Fold evidence into the block's statistics in place."""
+
+    @abstractmethod
+    def factors(self, block: "Block", state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
+        """One factor per mode of the block view (``None`` = identity mode), or ``None`` if no
+        statistics have been collected yet."""
+
+    def capture(self) -> AbstractContextManager[Any]:
+        """Context entered around the sampled backward (for estimators that watch it)."""
+        return nullcontext()
+
+    def after_step(
+        self,
+        blocks: Sequence["Block"],
+        states: Sequence[dict[str, Any]],
+        *,
+        closure: Callable[[], Tensor],
+        recorder: "LayerRecorder | None",
+    ) -> None:
+        """Called after the parameter update when ``evidence.closure`` is set; may call
+        ``closure()`` (forward and backward on the same batch at the new parameters)."""
+
+    def check_state(self, block: "Block", state: dict[str, Any]) -> None:
+        """Validate a loaded block state (shapes) and raise ``ValueError`` if it does not fit."""
+
+
+class Inverter(Part):
+    r"""Turns a batch of same-size symmetric factors into preconditioning matrices.
+
+    :meth:`invert` receives ``matrices`` of shape ``(b, d, d)``, ``damping`` of shape ``(b,)`` and
+    ``order`` of shape ``(b,)`` (the number of modes ``k`` of each factor's block, so that roots
+    such as Shampoo's :math:`-1/(2k)` can depend on it), and returns a ``(b, d, d)`` tensor.
+    Implementations must not modify their inputs.
+    """
+
+    @abstractmethod
+    def invert(self, matrices: Tensor, *, damping: Tensor, order: Tensor) -> Tensor:
+        """Invert a batch of factors."""
+
+
+class Preconditioner(Part):
+    r"""Forms the update direction of a block from its buffer and the inverted factors."""
+
+    def init_state(self, block: "Block") -> dict[str, Any]:
+        """Per-block state (for example grafting statistics); empty by default."""
+        return {}
+
+    @abstractmethod
+    def apply(
+        self,
+        block: "Block",
+        state: dict[str, Any],
+        direction: Tensor,
+        inverses: Sequence[Tensor | None] | None,
+        *,
+        gradient: Tensor,
+    ) -> Tensor:
+        """Precondition ``direction`` (view-shaped, usually the momentum buffer).
+
+        Args:
+            block: the block.
+            state: this preconditioner's per-block state.
+            direction: the buffer to precondition, in the block's view shape.
+            inverses: one matrix per mode (``None`` = identity), or ``None`` when the block has
+                no inverses yet (the preconditioner should then return a sensible fallback,
+                usually ``direction`` itself).
+            gradient: the current minibatch gradient in view shape (for grafting).
+        """

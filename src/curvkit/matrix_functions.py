@@ -1,0 +1,61 @@
+r"""Matrix functions of symmetric positive semi-definite factors, gathered in one place.
+
+All functions act on batches ``(..., d, d)`` and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["damped_cholesky_inverse", "damped_eigen_power", "symmetrize"]
+
+
+def symmetrize(matrix: Tensor) -> Tensor:
+    r""":math:`(A + A^\top) / 2`: removes the asymmetry that rounding leaves in accumulated Grams."""
+    return 0.5 * (matrix + matrix.transpose(-1, -2))
+
+
+def damped_eigen_power(
+    matrix: Tensor, damping: Tensor, power: Tensor, *, relative: bool = False
+) -> Tensor:
+    r"""The matrix power :math:`(A + \epsilon I)^{-p}` through one symmetric eigendecomposition.
+
+    With :math:`A = Q \Lambda Q^\top`, returns :math:`Q\,(\max(\Lambda, 0) + \epsilon)^{-p} Q^\top`.
+    Negative eigenvalues (rounding noise of a PSD matrix) are clipped to zero before damping.
+
+    Args:
+        matrix: ``(..., d, d)`` symmetric PSD matrices.
+        damping: ``(...)`` damping :math:`\epsilon` per matrix (broadcastable).
+        power: ``(...)`` exponent :math:`p` per matrix (broadcastable).
+        relative: use :math:`\epsilon \lambda_{\max}` instead of :math:`\epsilon` (production
+            Shampoo's epsilon relative to the largest eigenvalue; a zero matrix then falls back to
+            absolute damping so the result stays finite).
+    """
+    eigvals, eigvecs = torch.linalg.eigh(symmetrize(matrix))
+    eigvals = eigvals.clamp_min(0)
+    damping = torch.as_tensor(damping, dtype=eigvals.dtype, device=eigvals.device)
+    if relative:
+        lam_max = eigvals[..., -1]
+        damping = torch.where(lam_max > 0, damping * lam_max, damping)
+    power = torch.as_tensor(power, dtype=eigvals.dtype, device=eigvals.device)
+    scaled = (eigvals + damping.unsqueeze(-1)).pow(-power.unsqueeze(-1))
+    return (eigvecs * scaled.unsqueeze(-2)) @ eigvecs.transpose(-1, -2)
+
+
+def damped_cholesky_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
+    r""":math:`(A + \epsilon I)^{-1}` through a Cholesky factorisation.
+
+    Raises:
+        torch.linalg.LinAlgError: if a damped matrix is not positive definite.
+    """
+    d = matrix.shape[-1]
+    eye = torch.eye(d, dtype=matrix.dtype, device=matrix.device)
+    damping = torch.as_tensor(damping, dtype=matrix.dtype, device=matrix.device)
+    damped = symmetrize(matrix) + damping[..., None, None] * eye
+    chol, info = torch.linalg.cholesky_ex(damped)
+    if bool((info != 0).any()):
+        raise torch.linalg.LinAlgError(
+            "Cholesky factorisation failed: a damped factor is not positive definite"
+        )
+    return torch.cholesky_inverse(chol)
