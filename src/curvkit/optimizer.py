@@ -238,6 +238,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return list(self._blocks)
 
     @property
+    def needs_closure(self) -> bool:
+        """Whether :meth:`step` needs a closure (the estimator re-evaluates after the update)."""
+        return self._evidence.closure
+
+    @property
+    def evidence(self):
+        """The :class:`~curvkit.EvidenceSpec` of the estimator."""
+        return self._evidence
+
+    @property
     def step_count(self) -> int:
         """Completed :meth:`step` calls (the step index :math:`t` of the next step)."""
         return self._step_count
