@@ -74,11 +74,11 @@ def test_part_registered_in_a_test_module_is_usable_by_name():
             return torch.linalg.inv(self.config.scale * (matrices + damping[:, None, None] * eye))
 
     try:
-        model = torch.nn.Linear(4, 3)
+        model = torch.nn.Linear(4, 3).double()
         grads = [torch.randn_like(p) for p in model.parameters()]
         results = []
         for inv, opts in (("damped_eigen", {}), ("test_scaled_inverse", {"scale": 2.0})):
-            m = torch.nn.Linear(4, 3)
+            m = torch.nn.Linear(4, 3).double()
             m.load_state_dict(model.state_dict())
             opt = curvkit.compose(m.parameters(), estimator="tensor_normal", inverter=inv,
                                   inverter_options=opts, lr=0.1, momentum=0.0)
