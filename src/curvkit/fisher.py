@@ -53,13 +53,15 @@ def sample_targets(outputs: Tensor, loss: str, *, generator: torch.Generator | N
                 raise ValueError(
                     f"cross_entropy needs outputs of shape (N, C, ...), got shape {tuple(z.shape)}"
                 )
-            logits = z.float().movedim(1, -1).reshape(-1, z.shape[1])
+            # non-finite outputs (a diverging model) still sample; their loss and gradient are
+            # non-finite and the optimizer's evidence check then skips them
+            logits = torch.nan_to_num(z.float(), nan=0.0).movedim(1, -1).reshape(-1, z.shape[1])
             probs = torch.softmax(logits, dim=-1)
             idx = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             shape = (z.shape[0],) + tuple(z.shape[2:])
             return idx.reshape(shape)
         if loss == "bce_with_logits":
-            probs = torch.sigmoid(z.float())
+            probs = torch.sigmoid(z.float()).nan_to_num(0.5)
             return torch.bernoulli(probs, generator=generator).to(z.dtype)
         if loss == "mse":
             noise = torch.randn(z.shape, generator=generator, dtype=torch.float32, device=z.device)
