@@ -1,0 +1,20 @@
+"""curvkit-kfac: the KFAC curvature method as a curvkit plugin.
+
+Installing this package registers, through the ``curvkit.plugins`` entry point,
+
+* the estimator ``"kfac"`` (:class:`KFACEstimator`): Kronecker factors of layer inputs and
+  output gradients of ``nn.Linear`` and ``nn.Conv2d`` layers, and
+* the method ``"KFAC"`` (:func:`KFAC`): ``kfac`` + the core ``kronecker_mode`` preconditioner +
+  a power-1 damped inverter, with the TNT paper's MNIST settings.
+
+so ``curvkit.compose(params, estimator="kfac", model=model)`` works without importing this
+package.
+"""
+
+from .estimator import FALLBACK_KIND, KFACConfig, KFACEstimator
+from .layers import conv2d_patches, layer_rows
+from .preset import KFAC
+
+__version__ = "0.1.0"
+
+__all__ = ["FALLBACK_KIND", "KFAC", "KFACConfig", "KFACEstimator", "conv2d_patches", "layer_rows"]

@@ -1,0 +1,288 @@
+r"""The ``kfac`` estimator: Kronecker-factored approximate curvature (Martens & Grosse, 2015).
+
+For a layer :math:`s = W a` (weight and bias viewed as one ``(out, in_flat + 1)`` matrix by
+:class:`curvkit.HomogeneousLayout`, the bias as the last, homogeneous column) KFAC approximates
+the Fisher block by :math:`G \otimes A` (row-major ``vec`` of the view), with
+
+.. math::
+    A = E[a a^\top], \qquad G = E[(m\, \partial L/\partial s)(m\, \partial L/\partial s)^\top],
+
+:math:`a` the layer input with a 1 appended when the layer has a bias, and
+:math:`\partial L/\partial s` the gradient of the batch-mean loss with respect to the layer
+output, rescaled to per-example scale by the batch size :math:`m`. By default the loss is the one
+whose targets are *sampled* from the model (true Fisher), taken by
+:meth:`curvkit.CurvatureOptimizer.update_curvature`; ``evidence="empirical"`` uses the gradients
+of the user's own backward pass instead (empirical Fisher). See :mod:`curvkit_kfac.layers` for
+how rows, examples and convolutions (the KFC rule) are counted.
+
+Statistics are averaged by an EMA, :math:`S \leftarrow \beta S + (1 - \beta) \hat S` (the first
+update sets :math:`S = \hat S`). With the optimizer's damping :math:`\lambda` the factors handed to
+the inverter are :math:`A + \sqrt\lambda I` and :math:`G + \sqrt\lambda I`; with ``pi_damping``
+the split is :math:`A + \pi\sqrt\lambda I`, :math:`G + \sqrt\lambda/\pi\, I` with
+
+.. math:: \pi = \sqrt{\frac{\operatorname{tr} A / \dim A}{\operatorname{tr} G / \dim G}}
+
+(kept as a tensor: no host synchronisation). Mode 0 of the view gets :math:`G`, mode 1 gets
+:math:`A`, so the core ``kronecker_mode`` preconditioner with a power-1 inverter forms the KFAC
+direction :math:`(G + d_G I)^{-1} M (A + d_A I)^{-1}` on the momentum buffer :math:`M`.
+
+Parameters of layers kfac does not know (norm layers, embeddings, loose parameters, grouped
+convolutions) follow the ``fallback`` policy: ``"momentum"`` gives them a block with every mode
+unfactored (the plain momentum direction), ``"error"`` refuses them. A mode larger than
+``max_factor_dim`` is left unfactored (identity); the factored side then gets the full damping
+:math:`\lambda`, so that :math:`(G + \lambda I) \otimes I = G \otimes I + \lambda I`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from curvkit import (
+    Block,
+    BlockEvidence,
+    CurvatureEstimator,
+    EvidenceSpec,
+    Factor,
+    HomogeneousLayout,
+    PartConfig,
+    Source,
+    default_block,
+    register,
+)
+from curvkit.config import check_choice, check_in_unit_interval, check_positive
+
+from .layers import layer_rows, unsupported_reason
+
+__all__ = ["FALLBACK_KIND", "KFACConfig", "KFACEstimator"]
+
+#: ``Block.kind`` of the parameters that take the plain momentum direction.
+FALLBACK_KIND = "fallback: momentum"
+
+
+@dataclass(frozen=True)
+class KFACConfig(PartConfig):
+    """Options of :class:`KFACEstimator`.
+
+    Attributes:
+        stat_decay: EMA decay :math:`\\beta` of ``A`` and ``G`` (0.9 as in the paper).
+        evidence: ``"sampled"`` (targets drawn from the model: true Fisher) or ``"empirical"``
+            (the gradients of your own backward pass with the data labels: empirical Fisher).
+        pi_damping: split the damping between ``A`` and ``G`` by the trace ratio :math:`\\pi`.
+        fallback: what parameters of unknown layers get: ``"momentum"`` (plain momentum
+            direction) or ``"error"`` (refuse them at construction).
+        gradient_scale: the factor :math:`c` that brings output gradients to per-example scale;
+            ``None`` uses the batch size :math:`m` (right for batch-mean losses, the default
+            reduction of every sampled loss); give ``1.0`` for a loss summed over the batch.
+    """
+
+    stat_decay: float = 0.9
+    evidence: str = "sampled"
+    pi_damping: bool = False
+    fallback: str = "momentum"
+    gradient_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        check_in_unit_interval("stat_decay", self.stat_decay)
+        check_choice("evidence", self.evidence, ("sampled", "empirical"))
+        if not isinstance(self.pi_damping, bool):
+            raise ValueError(f"pi_damping must be a bool (True or False), got {self.pi_damping!r}")
+        check_choice("fallback", self.fallback, ("momentum", "error"))
+        if self.gradient_scale is not None:
+            check_positive("gradient_scale", self.gradient_scale)
+
+
+def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@register("estimator", "kfac")
+class KFACEstimator(CurvatureEstimator):
+    """Kronecker factors ``A`` (inputs) and ``G`` (output gradients) of Linear and Conv2d layers."""
+
+    Config = KFACConfig
+
+    @property
+    def evidence(self) -> EvidenceSpec:
+        source = Source.SAMPLED if self.config.evidence == "sampled" else Source.MINIBATCH
+        return EvidenceSpec(source=source, layer_io=True)
+
+    # ------------------------------------------------------------------ plan
+    def plan(
+        self,
+        named_params: Sequence[tuple[str, nn.Parameter, int]],
+        *,
+        model: nn.Module | None,
+        max_factor_dim: int | None,
+    ) -> list[Block]:
+        """One ``(out, in_flat [+ 1])`` block per known layer, fallback blocks for the rest."""
+        if model is None:
+            raise ValueError("kfac builds its blocks from the model's layers: pass model=<your nn.Module>")
+        entry = {id(p): (name, p, gi) for name, p, gi in named_params}
+        layer_block: dict[int, Block] = {}
+        reasons: dict[int, str] = {}
+        for mname, module in model.named_modules():
+            reason = unsupported_reason(module)
+            if reason is None:
+                weight = module.weight
+                if id(weight) in entry and id(weight) not in layer_block:
+                    block = self._layer_block(mname, module, entry, max_factor_dim)
+                    for p in block.params:
+                        layer_block[id(p)] = block
+                    reason = "bias in another param group than its layer's weight"
+                elif id(weight) in layer_block:
+                    reason = "bias of a layer whose weight is shared with an earlier layer"
+                else:
+                    reason = "bias of a layer whose weight is not in the optimizer"
+            for p in module.parameters(recurse=False):
+                if id(p) in entry and id(p) not in layer_block:
+                    reasons.setdefault(id(p), reason)
+        blocks: list[Block] = []
+        emitted: set[int] = set()
+        for name, p, gi in named_params:
+            block = layer_block.get(id(p))
+            if block is None:
+                blocks.append(self._fallback_block(name, p, gi, reasons.get(id(p)), max_factor_dim))
+            elif id(block) not in emitted:
+                emitted.add(id(block))
+                blocks.append(block)
+        return blocks
+
+    def _layer_block(self, mname: str, module: nn.Module, entry: dict, max_factor_dim: int | None) -> Block:
+        weight, bias = module.weight, module.bias
+        wname, _, group = entry[id(weight)]
+        has_bias = bias is not None and id(bias) in entry and entry[id(bias)][2] == group
+        out, in_flat = weight.shape[0], math.prod(weight.shape[1:])
+        shape = (out, in_flat + int(has_bias))
+        factored = tuple(max_factor_dim is None or d <= max_factor_dim for d in shape)
+        kind = "Conv2d, KFC patches" if isinstance(module, nn.Conv2d) else "Linear"
+        rule = f"{kind}: G (out) x A (in{' + 1 homogeneous bias' if has_bias else ''})"
+        if not all(factored):
+            rule += f", modes > max_factor_dim={max_factor_dim} unfactored"
+        return Block(
+            name=mname or wname.rsplit(".", 1)[0],
+            params=(weight, bias) if has_bias else (weight,),
+            shape=shape,
+            factored=factored,
+            layout=HomogeneousLayout(tuple(weight.shape), has_bias),
+            group=group,
+            rule=rule,
+            kind="kfac",
+            module=module,
+        )
+
+    def _fallback_block(
+        self, name: str, param: nn.Parameter, group: int, reason: str | None, max_factor_dim: int | None
+    ) -> Block:
+        reason = reason or "not a parameter of the model"
+        if self.config.fallback == "error":
+            raise ValueError(
+                f"kfac has no Kronecker factors for parameter {name!r} of shape {tuple(param.shape)} "
+                f"({reason}); pass fallback='momentum' to give it the plain momentum direction, or "
+                f"leave it out of the optimizer's params"
+            )
+        block = default_block(name, param, group, max_factor_dim=max_factor_dim)
+        block.factored = tuple(False for _ in block.shape)
+        block.kind = FALLBACK_KIND
+        block.rule = f"{reason}: plain momentum"
+        return block
+
+    # ------------------------------------------------------------------ statistics
+    def init_state(self, block: Block) -> dict[str, Any]:
+        if block.module is None:
+            return {"updates": 0}
+        ref = block.params[0]
+        dtype = _statistics_dtype(ref.dtype)
+        (d_out, d_in), (f_out, f_in) = block.shape, block.factored
+        return {
+            "A": torch.zeros(d_in, d_in, dtype=dtype, device=ref.device) if f_in else None,
+            "G": torch.zeros(d_out, d_out, dtype=dtype, device=ref.device) if f_out else None,
+            "updates": 0,
+        }
+
+    def check_state(self, block: Block, state: dict[str, Any]) -> None:
+        if block.module is None:
+            if "updates" not in state:
+                raise ValueError(f"block {block.name!r}: saved state is not a kfac fallback state")
+            return
+        for key, d, f in (("G", block.shape[0], block.factored[0]), ("A", block.shape[1], block.factored[1])):
+            if key not in state:
+                raise ValueError(f"block {block.name!r}: saved state has no kfac factor {key!r}")
+            s = state[key]
+            if (s is None) == f or (s is not None and tuple(s.shape) != (d, d)):
+                got = None if s is None else tuple(s.shape)
+                raise ValueError(f"block {block.name!r}: saved factor {key} of shape {got} does not fit size {d}")
+
+    @torch.no_grad()
+    def update(
+        self,
+        block: Block,
+        state: dict[str, Any],
+        evidence: BlockEvidence,
+        *,
+        decay: float | None = None,
+    ) -> None:
+        if block.module is None:
+            return
+        if evidence.layer is None:
+            raise RuntimeError("kfac needs layer records: build the optimizer with model=<your nn.Module>")
+        record = evidence.layer[block.module]
+        phase = "sampled" if self.config.evidence == "sampled" else "minibatch"
+        calls = [(a, g) for a, g in zip(record.inputs, record.grads(phase)) if g is not None]
+        if not calls:
+            return
+        A, G = state["A"], state["G"]
+        if A is None and G is None:  # both modes unfactored: nothing to estimate
+            return
+        dtype = (A if A is not None else G).dtype
+        scale = self._gradient_scale(evidence, calls[0][0])
+        has_bias = len(block.params) == 2
+        a_sum = g_sum = None
+        examples = rows = 0
+        for inputs, grad in calls:
+            r = layer_rows(block.module, inputs.to(dtype), grad.to(dtype))
+            examples += r.examples
+            rows += r.gradients.shape[0]
+            if A is not None:
+                a = r.activations
+                if has_bias:
+                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+                a_sum = a.T @ a if a_sum is None else a_sum.addmm_(a.T, a)
+            if G is not None:
+                g = r.gradients
+                g_sum = g.T @ g if g_sum is None else g_sum.addmm_(g.T, g)
+        if decay is None:
+            decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
+        weight = 1.0 - decay
+        if A is not None:
+            A.mul_(decay).add_(a_sum, alpha=weight / examples)
+        if G is not None:
+            G.mul_(decay).add_(g_sum, alpha=weight * scale * scale / rows)
+        state["updates"] += 1
+
+    def _gradient_scale(self, evidence: BlockEvidence, first_input: Tensor) -> float:
+        if self.config.gradient_scale is not None:
+            return float(self.config.gradient_scale)
+        if evidence.batch_size is not None:
+            return float(evidence.batch_size)
+        return float(first_input.shape[0]) if first_input.dim() > 1 else 1.0
+
+    def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
+        if block.module is None or state["updates"] == 0:
+            return None
+        A, G = state["A"], state["G"]
+        if A is None or G is None:
+            return [None if G is None else Factor(G, damping), None if A is None else Factor(A, damping)]
+        root = math.sqrt(damping)
+        if not self.config.pi_damping:
+            return [Factor(G, root), Factor(A, root)]
+        mean_a = torch.trace(A) / A.shape[0]
+        mean_g = torch.trace(G) / G.shape[0]
+        usable = (mean_a > 0) & (mean_g > 0)
+        tiny = torch.finfo(A.dtype).tiny
+        pi = torch.where(usable, torch.sqrt(mean_a.clamp_min(tiny) / mean_g.clamp_min(tiny)), torch.ones_like(mean_a))
+        return [Factor(G, root / pi), Factor(A, root * pi)]
