@@ -1,0 +1,32 @@
+"""The core conformance suite (curvkit.testing) run on every part the plugin registers."""
+
+import pytest
+
+from curvkit.testing import check_estimator, check_method, check_part, conformance_cases
+
+import curvkit_kfac
+
+
+def test_the_plugin_registers_its_parts_through_the_entry_point():
+    assert set(conformance_cases("curvkit-kfac", "curvkit_kfac")) == {("estimator", "kfac"), ("method", "KFAC")}
+
+
+@pytest.mark.parametrize("kind,name", conformance_cases("curvkit-kfac", "curvkit_kfac"))
+def test_conformance(kind, name):
+    check_part(kind, name)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"pi_damping": True},
+        {"evidence": "empirical"},
+        {"fallback": "momentum", "gradient_scale": 1.0, "stat_decay": 0.5},
+    ],
+)
+def test_estimator_options_conform(options):
+    check_estimator(curvkit_kfac.KFACEstimator(**options), inverter="cholesky")
+
+
+def test_preset_conforms_with_bce_and_unfactored_modes():
+    check_method(curvkit_kfac.KFAC, options={"pi_damping": True, "max_factor_dim": 5})
