@@ -148,15 +148,19 @@ class Block:
 
     @property
     def numel(self) -> int:
+        """The number of entries of the view, :math:`\\prod_i d_i`."""
         return math.prod(self.shape)
 
     def to_view(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The block's parameters (or gradients, buffers) as one view-shaped tensor."""
         return self.layout.to_view(tensors)
 
     def from_view(self, view: Tensor) -> list[Tensor]:
+        """A view-shaped tensor as one tensor per parameter, in ``params`` order."""
         return self.layout.from_view(view)
 
     def describe(self) -> dict[str, object]:
+        """One row of the block plan (``(id)`` in the view marks an unfactored mode)."""
         modes = " x ".join(f"{d}{'' if f else '(id)'}" for d, f in zip(self.shape, self.factored))
         return {
             "block": self.name,
@@ -200,6 +204,7 @@ class BlockPlan:
         return len(self.blocks)
 
     def rows(self) -> list[dict[str, object]]:
+        """One :meth:`Block.describe` row per block."""
         return [b.describe() for b in self.blocks]
 
     def __str__(self) -> str:

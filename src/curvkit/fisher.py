@@ -34,10 +34,13 @@ from torch import Tensor
 
 __all__ = ["LOSSES", "LossSpec", "REDUCTIONS", "sample_targets", "sampled_loss"]
 
+#: The likelihoods :func:`sampled_loss` knows by name.
 LOSSES = ("cross_entropy", "bce_with_logits", "mse")
+#: The accepted ``reduction`` values.
 REDUCTIONS = ("batch_mean", "mean", "sum")
 _DEFAULT_REDUCTION = {"cross_entropy": "mean", "bce_with_logits": "batch_mean", "mse": "batch_mean"}
 
+#: What ``loss=`` accepts, a name in :data:`LOSSES` or a callable ``(outputs, generator) -> scalar``.
 LossSpec = Union[str, Callable[[Tensor, torch.Generator], Tensor]]
 
 

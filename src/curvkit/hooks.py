@@ -39,12 +39,14 @@ class LayerRecord:
     )
 
     def clear(self) -> None:
+        """Drop every entry."""
         self.inputs.clear()
         self.outputs.clear()
         for grads in self.output_grads.values():
             grads.clear()
 
     def grads(self, phase: str) -> list[Tensor | None]:
+        """The output gradients filed under ``phase``, one per call (``None`` if none arrived)."""
         return self.output_grads[phase]
 
 
@@ -81,6 +83,7 @@ class LayerRecorder:
             self._phase = previous
 
     def clear(self) -> None:
+        """Drop the records of every watched module."""
         for record in self.records.values():
             record.clear()
 

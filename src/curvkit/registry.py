@@ -36,7 +36,9 @@ __all__ = [
     "registry",
 ]
 
+#: The entry-point group plugins declare in their ``pyproject.toml``.
 ENTRY_POINT_GROUP = "curvkit.plugins"
+#: The kinds of registered objects, one namespace each.
 KINDS = ("estimator", "preconditioner", "inverter", "method")
 
 #: Names (and name prefixes) shipped by the first-party plugins, for install hints.

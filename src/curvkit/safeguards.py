@@ -21,6 +21,7 @@ from .interfaces import Factor, Inverter
 
 __all__ = ["CurvkitWarning", "HEALTH_COUNTERS", "InversionRequest", "invert_all", "new_health"]
 
+#: The per-block counters of :meth:`curvkit.CurvatureOptimizer.health`.
 HEALTH_COUNTERS = (
     "skipped_nonfinite_grad",  # steps whose update was skipped because the gradient was not finite
     "skipped_nonfinite_evidence",  # statistics updates skipped because the evidence was not finite
@@ -36,6 +37,7 @@ class CurvkitWarning(RuntimeWarning):
 
 
 def new_health() -> dict[str, int]:
+    """A fresh set of health counters, all zero."""
     return {name: 0 for name in HEALTH_COUNTERS}
 
 
