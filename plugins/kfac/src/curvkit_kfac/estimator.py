@@ -96,6 +96,15 @@ class KFACConfig(PartConfig):
             check_positive("gradient_scale", self.gradient_scale)
 
 
+def _fallback_block(name: str, param: nn.Parameter, group: int, reason: str, max_factor_dim: int | None) -> Block:
+    """A block with every mode unfactored: the preconditioner leaves the momentum as it is."""
+    block = default_block(name, param, group, max_factor_dim=max_factor_dim)
+    block.factored = tuple(False for _ in block.shape)
+    block.kind = FALLBACK_KIND
+    block.rule = f"{reason}: plain momentum"
+    return block
+
+
 def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -141,12 +150,24 @@ class KFACEstimator(CurvatureEstimator):
             for p in module.parameters(recurse=False):
                 if id(p) in entry and id(p) not in layer_block:
                     reasons.setdefault(id(p), reason)
+        unknown = [
+            f"{name!r} {tuple(p.shape)}: {reasons.get(id(p), 'not a parameter of the model')}"
+            for name, p, _ in named_params
+            if id(p) not in layer_block
+        ]
+        if unknown and self.config.fallback == "error":
+            raise ValueError(
+                f"kfac has no Kronecker factors for {len(unknown)} parameter(s): {'; '.join(unknown)}. "
+                f"Pass fallback='momentum' to give them the plain momentum direction, or leave them out "
+                f"of the optimizer's params"
+            )
         blocks: list[Block] = []
         emitted: set[int] = set()
         for name, p, gi in named_params:
             block = layer_block.get(id(p))
             if block is None:
-                blocks.append(self._fallback_block(name, p, gi, reasons.get(id(p)), max_factor_dim))
+                reason = reasons.get(id(p), "not a parameter of the model")
+                blocks.append(_fallback_block(name, p, gi, reason, max_factor_dim))
             elif id(block) not in emitted:
                 emitted.add(id(block))
                 blocks.append(block)
@@ -174,22 +195,6 @@ class KFACEstimator(CurvatureEstimator):
             kind="kfac",
             module=module,
         )
-
-    def _fallback_block(
-        self, name: str, param: nn.Parameter, group: int, reason: str | None, max_factor_dim: int | None
-    ) -> Block:
-        reason = reason or "not a parameter of the model"
-        if self.config.fallback == "error":
-            raise ValueError(
-                f"kfac has no Kronecker factors for parameter {name!r} of shape {tuple(param.shape)} "
-                f"({reason}); pass fallback='momentum' to give it the plain momentum direction, or "
-                f"leave it out of the optimizer's params"
-            )
-        block = default_block(name, param, group, max_factor_dim=max_factor_dim)
-        block.factored = tuple(False for _ in block.shape)
-        block.kind = FALLBACK_KIND
-        block.rule = f"{reason}: plain momentum"
-        return block
 
     # ------------------------------------------------------------------ statistics
     def init_state(self, block: Block) -> dict[str, Any]:
