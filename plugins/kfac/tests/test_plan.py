@@ -34,17 +34,17 @@ def test_block_plan_shows_kfac_and_fallback_blocks():
     kinds = {b.name: b.kind for b in opt.blocks}
     assert kinds == {
         "embed.weight": curvkit_kfac.FALLBACK_KIND,
-        "conv": "kfac",
+        "conv": "kronecker",
         "grouped.weight": curvkit_kfac.FALLBACK_KIND,
         "grouped.bias": curvkit_kfac.FALLBACK_KIND,
         "norm.weight": curvkit_kfac.FALLBACK_KIND,
         "norm.bias": curvkit_kfac.FALLBACK_KIND,
-        "head": "kfac",
+        "head": "kronecker",
         "scale": curvkit_kfac.FALLBACK_KIND,
     }
     by_name = {b.name: b for b in opt.blocks}
     assert by_name["conv"].shape == (2, 1 * 9 + 1) and by_name["head"].shape == (3, 68 + 1)
-    assert all(not any(b.factored) for b in opt.blocks if b.kind != "kfac")
+    assert all(not any(b.factored) for b in opt.blocks if b.kind != "kronecker")
     text = str(opt.block_plan())
     assert "groups=2" in text and "LayerNorm is not a Linear or Conv2d layer" in text
     assert "homogeneous bias" in text and text.count("fallback: momentum") == 6
@@ -57,7 +57,7 @@ def test_block_plan_shows_kfac_and_fallback_blocks():
         opt.step()
     for b in opt.blocks:
         factors = opt.estimator.factors(b, opt.block_state(b)["estimator"], damping=0.3)
-        assert (factors is None) == (b.kind != "kfac")
+        assert (factors is None) == (b.kind != "kronecker")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -68,17 +68,17 @@ def test_error_policy_names_the_parameter_and_the_fix():
     with pytest.raises(ValueError, match=r"groups=2"):
         curvkit_kfac.KFAC(model, fallback="error")
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
-    assert all(b.kind == "kfac" for b in curvkit_kfac.KFAC(plain, fallback="error").blocks)
+    assert all(b.kind == "kronecker" for b in curvkit_kfac.KFAC(plain, fallback="error").blocks)
 
 
 def test_bias_outside_the_optimizer_or_in_another_group():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     opt = curvkit_kfac.KFAC([model[0].weight, model[1].weight, model[1].bias], model=model)
-    assert [(b.name, b.shape, b.kind) for b in opt.blocks] == [("0", (4, 3), "kfac"), ("1", (2, 5), "kfac")]
+    assert [(b.name, b.shape, b.kind) for b in opt.blocks] == [("0", (4, 3), "kronecker"), ("1", (2, 5), "kronecker")]
     groups = [{"params": [model[0].weight, model[1].weight, model[1].bias]}, {"params": [model[0].bias], "lr": 0.1}]
     opt = curvkit_kfac.KFAC(groups, model=model)
     plan = {b.name: (b.kind, b.group) for b in opt.blocks}
-    assert plan == {"0": ("kfac", 0), "1": ("kfac", 0), "0.bias": (curvkit_kfac.FALLBACK_KIND, 1)}
+    assert plan == {"0": ("kronecker", 0), "1": ("kronecker", 0), "0.bias": (curvkit_kfac.FALLBACK_KIND, 1)}
     assert "another param group" in str(opt.block_plan())
 
 
@@ -88,7 +88,7 @@ def test_tied_weights_are_factored_by_their_first_layer_only():
     model = nn.Sequential(first, nn.Tanh(), second)
     opt = curvkit_kfac.KFAC(model)
     kinds = {b.name: b.kind for b in opt.blocks}
-    assert kinds == {"0": "kfac", "2.bias": curvkit_kfac.FALLBACK_KIND}
+    assert kinds == {"0": "kronecker", "2.bias": curvkit_kfac.FALLBACK_KIND}
     assert "shared with an earlier layer" in str(opt.block_plan())
 
 

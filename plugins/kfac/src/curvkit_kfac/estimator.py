@@ -192,7 +192,7 @@ class KFACEstimator(CurvatureEstimator):
             layout=HomogeneousLayout(tuple(weight.shape), has_bias),
             group=group,
             rule=rule,
-            kind="kfac",
+            kind="kronecker",
             module=module,
         )
 
