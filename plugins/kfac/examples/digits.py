@@ -81,18 +81,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ae-lr", type=float, default=3e-3, help="autoencoder learning rate (paper: 3e-3)")
+    parser.add_argument("--cnn-lr", type=float, default=3e-3, help="CNN learning rate")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    ae = train_autoencoder(args.epochs)
+    ae = train_autoencoder(args.epochs, lr=args.ae_lr)
     ae_time = (time.perf_counter() - start) / args.epochs
-    print(f"autoencoder (64-32-16-32-64, batch 100), {ae_time:.3f} s/epoch")
+    print(f"autoencoder (64-32-16-32-64, batch 100, lr {args.ae_lr:g}), {ae_time:.3f} s/epoch")
     for epoch, loss in enumerate(ae, 1):
         print(f"  epoch {epoch:3d}  train BCE {loss:8.3f}")
     start = time.perf_counter()
-    hist = train_cnn(args.epochs)
+    hist = train_cnn(args.epochs, lr=args.cnn_lr)
     cnn_time = (time.perf_counter() - start) / args.epochs
-    print(f"CNN (conv8-conv16/s2-fc10, batch 64), {cnn_time:.3f} s/epoch")
+    print(f"CNN (conv8-conv16/s2-fc10, batch 64, lr {args.cnn_lr:g}), {cnn_time:.3f} s/epoch")
     for epoch, (loss, acc) in enumerate(hist, 1):
         print(f"  epoch {epoch:3d}  train CE {loss:.4f}  train acc {acc:.3f}")
 

@@ -44,6 +44,7 @@ CONVS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("name", list(CONVS))
 def test_conv2d_factors_match_kfc_brute_force(name):
     conv = nn.Conv2d(**CONVS[name]).double()

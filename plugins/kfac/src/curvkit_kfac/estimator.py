@@ -77,7 +77,9 @@ class KFACConfig(PartConfig):
             direction) or ``"error"`` (refuse them at construction).
         gradient_scale: the factor :math:`c` that brings output gradients to per-example scale;
             ``None`` uses the batch size :math:`m` (right for batch-mean losses, the default
-            reduction of every sampled loss); give ``1.0`` for a loss summed over the batch.
+            reduction of every sampled loss with ``(N, C)`` or ``(N, D)`` outputs); give ``1.0``
+            for a loss summed over the batch, and ``N * L`` for a cross-entropy averaged over
+            ``(N, C, L)`` outputs.
     """
 
     stat_decay: float = 0.9
@@ -246,20 +248,23 @@ class KFACEstimator(CurvatureEstimator):
         dtype = (A if A is not None else G).dtype
         scale = self._gradient_scale(evidence, calls[0][0])
         has_bias = len(block.params) == 2
-        a_sum = g_sum = None
+        a_sum = None if A is None else torch.zeros_like(A)
+        g_sum = None if G is None else torch.zeros_like(G)
         examples = rows = 0
         for inputs, grad in calls:
             r = layer_rows(block.module, inputs.to(dtype), grad.to(dtype))
             examples += r.examples
             rows += r.gradients.shape[0]
-            if A is not None:
-                a = r.activations
-                if has_bias:
-                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-                a_sum = a.T @ a if a_sum is None else a_sum.addmm_(a.T, a)
-            if G is not None:
-                g = r.gradients
-                g_sum = g.T @ g if g_sum is None else g_sum.addmm_(g.T, g)
+            if a_sum is not None:
+                a, d = r.activations, r.activations.shape[1]
+                a_sum[:d, :d].addmm_(a.T, a)
+                if has_bias:  # the homogeneous 1: column sums and the row count, without a copy of a
+                    col = a.sum(0)
+                    a_sum[:d, d] += col
+                    a_sum[d, :d] += col
+                    a_sum[d, d] += a.shape[0]
+            if g_sum is not None:
+                g_sum.addmm_(r.gradients.T, r.gradients)
         if decay is None:
             decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
         weight = 1.0 - decay
