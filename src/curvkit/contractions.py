@@ -10,8 +10,10 @@ and the mode product with a matrix :math:`V \in \mathbb{R}^{d_i \times d_i}` is
 :math:`G \times_1 V_1 \cdots \times_k V_k`, equals the Kronecker matrix-vector product
 :math:`(V_1 \otimes \cdots \otimes V_k)\,\mathrm{vec}(G)` (row-major ``vec``).
 
-Contraction expressions are built with :func:`opt_einsum.contract_expression` once per
-(shape, mode pattern) and cached, so the path search is not repeated every step.
+Contraction paths are found by :func:`opt_einsum.contract_path` once per (equation, shapes) and
+cached; each step then runs the cached pairwise contractions with :func:`torch.einsum`. The cached
+plan is marked as a constant for :func:`torch.compile`, so the direction computation compiles into
+one graph without breaks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import opt_einsum
 import torch
 from torch import Tensor
 
-__all__ = ["mode_gram", "mode_grams", "mode_products", "unfold"]
+__all__ = ["contract", "contraction_plan", "mode_gram", "mode_grams", "mode_products", "unfold"]
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -33,13 +35,39 @@ def unfold(tensor: Tensor, mode: int) -> Tensor:
     return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
 
 
-@lru_cache(maxsize=1024)
-def _gram_expression(shape: tuple[int, ...], mode: int):
-    k = len(shape)
+Plan = tuple[tuple[tuple[int, ...], str], ...]
+
+
+@lru_cache(maxsize=2048)
+def _cached_plan(eq: str, shapes: tuple[tuple[int, ...], ...]) -> Plan:
+    _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize="auto")
+    return tuple((tuple(step[0]), step[2]) for step in info.contraction_list)
+
+
+@torch.compiler.assume_constant_result
+def contraction_plan(eq: str, shapes: tuple[tuple[int, ...], ...]) -> Plan:
+    """The opt_einsum pairwise contraction plan of ``eq`` for operand ``shapes`` (cached).
+
+    Each step is ``(positions, einsum_string)``: pop the operands at ``positions`` (opt_einsum's
+    convention), contract them with ``einsum_string`` and append the result.
+    """
+    return _cached_plan(eq, shapes)
+
+
+def contract(eq: str, *operands: Tensor) -> Tensor:
+    """Evaluate ``eq`` on ``operands`` along the cached opt_einsum path, with :func:`torch.einsum`."""
+    plan = contraction_plan(eq, tuple(tuple(o.shape) for o in operands))
+    ops = list(operands)
+    for positions, sub_eq in plan:
+        picked = [ops.pop(i) for i in positions]  # opt_einsum lists them in pop order
+        ops.append(torch.einsum(sub_eq, *picked))
+    return ops[0]
+
+
+def _gram_equation(k: int, mode: int) -> str:
     left = _LETTERS[:k]
     right = left[:mode] + _LETTERS[k] + left[mode + 1 :]
-    eq = f"{left},{right}->{left[mode]}{_LETTERS[k]}"
-    return opt_einsum.contract_expression(eq, shape, shape)
+    return f"{left},{right}->{left[mode]}{_LETTERS[k]}"
 
 
 def mode_gram(tensor: Tensor, mode: int) -> Tensor:
@@ -49,7 +77,7 @@ def mode_gram(tensor: Tensor, mode: int) -> Tensor:
         return torch.outer(tensor, tensor)
     if len(shape) == 2:
         return tensor @ tensor.T if mode == 0 else tensor.T @ tensor
-    return _gram_expression(shape, mode)(tensor, tensor, backend="torch")
+    return contract(_gram_equation(len(shape), mode), tensor, tensor)
 
 
 def mode_grams(tensor: Tensor, modes: Sequence[int] | None = None) -> list[Tensor]:
@@ -59,8 +87,7 @@ def mode_grams(tensor: Tensor, modes: Sequence[int] | None = None) -> list[Tenso
 
 
 @lru_cache(maxsize=1024)
-def _product_expression(shape: tuple[int, ...], modes: tuple[int, ...]):
-    k = len(shape)
+def _product_equation(k: int, modes: tuple[int, ...]) -> str:
     src = _LETTERS[:k]
     out = list(src)
     operands = []
@@ -68,9 +95,7 @@ def _product_expression(shape: tuple[int, ...], modes: tuple[int, ...]):
         new = _LETTERS[k + n]
         operands.append(f"{new}{src[m]}")
         out[m] = new
-    eq = ",".join(operands + [src]) + "->" + "".join(out)
-    shapes = [(shape[m], shape[m]) for m in modes] + [shape]
-    return opt_einsum.contract_expression(eq, *shapes)
+    return ",".join(operands + [src]) + "->" + "".join(out)
 
 
 def mode_products(tensor: Tensor, matrices: Sequence[Tensor | None]) -> Tensor:
@@ -97,4 +122,4 @@ def mode_products(tensor: Tensor, matrices: Sequence[Tensor | None]) -> Tensor:
         return out
     if len(shape) == 1:
         return mats[0] @ tensor
-    return _product_expression(shape, modes)(*mats, tensor, backend="torch")
+    return contract(_product_equation(len(shape), modes), *mats, tensor)
