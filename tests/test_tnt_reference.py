@@ -142,3 +142,26 @@ def test_update_curvature_feeds_the_sampled_gradient():
             torch.testing.assert_close(s, ref_unfold(v, i) @ ref_unfold(v, i).T)
     # the graph was retained for the user's own backward
     nn.functional.cross_entropy(out, torch.zeros(16, dtype=torch.long)).backward()
+
+
+def test_sampled_warm_start_is_exact_mean_of_sampled_grams():
+    model = make_params("mlp")
+    params = list(model.parameters())
+    opt = curvkit.TNT(params, seed=3)
+    xs = [torch.randn(8, 5, dtype=torch.float64) for _ in range(3)]
+    gen = torch.Generator()
+    gen.set_state(opt._generator(torch.device("cpu")).get_state())
+    expected = [[torch.zeros(d, d, dtype=torch.float64) for d in ref_view(p).shape] for p in params]
+    for x in xs:
+        grads = torch.autograd.grad(curvkit.fisher.sampled_loss(model(x), "cross_entropy", generator=gen), params)
+        for e, g in zip(expected, grads):
+            v = ref_view(g)
+            for i in range(v.dim()):
+                e[i] += ref_unfold(v, i) @ ref_unfold(v, i).T / len(xs)
+    assert opt.warm_start(xs, model, loss="cross_entropy") == 3
+    for b, e in zip(opt.blocks, expected):
+        for s, ref in zip(opt.block_state(b)["estimator"]["grams"], e):
+            torch.testing.assert_close(s, ref, rtol=1e-10, atol=1e-12)
+    assert not opt.statistics_due()  # the first step takes no new statistics
+    out = model(xs[0])
+    assert opt.update_curvature(out, loss="cross_entropy") is False
