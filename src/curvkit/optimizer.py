@@ -8,7 +8,8 @@ Per block (one parameter tensor by default), with step index :math:`t` counting 
    in :meth:`~CurvatureOptimizer.step`, as the estimator declares;
 2. inverses are due when :math:`t \bmod T_2 = 0` (``invert_every``), and on every statistics step
    while :math:`t < T_2`;
-3. momentum :math:`M \leftarrow \mu M + g` (no dampening);
+3. momentum :math:`M \leftarrow \mu M + (1 - d)\, g` from :math:`M = 0` (dampening :math:`d`,
+   0 by default: :math:`M \leftarrow \mu M + g`);
 4. direction :math:`P` = the preconditioner applied to :math:`M`;
 5. :math:`W \leftarrow W (1 - \eta\,\mathrm{wd}) - \eta P` (decoupled weight decay).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -33,7 +35,9 @@ from .safeguards import CurvkitWarning, InversionRequest, invert_all, new_health
 __all__ = ["CurvatureOptimizer", "GROUP_OPTIONS"]
 
 #: Options that may differ per param group.
-GROUP_OPTIONS = ("lr", "momentum", "weight_decay", "damping", "curvature_every", "invert_every")
+GROUP_OPTIONS = (
+    "lr", "momentum", "dampening", "weight_decay", "damping", "curvature_every", "invert_every",
+)
 _STATE_FORMAT = 1
 
 
@@ -47,6 +51,8 @@ def _validate_group_options(options: dict[str, Any]) -> None:
             check_nonnegative("lr", lr)
     if "momentum" in options:
         check_in_unit_interval("momentum", options["momentum"])
+    if "dampening" in options:
+        check_in_unit_interval("dampening", options["dampening"])
     if "weight_decay" in options:
         check_nonnegative("weight_decay", options["weight_decay"])
     if "damping" in options:
@@ -64,12 +70,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters, ``(name, parameter)`` pairs, or param-group dicts (which may override
-            any of ``lr, momentum, weight_decay, damping, curvature_every, invert_every``).
+            any of ``lr, momentum, dampening, weight_decay, damping, curvature_every,
+            invert_every``).
         estimator: the curvature estimator part.
         preconditioner: the preconditioner part.
         inverter: the inverter part.
         lr: learning rate :math:`\eta`.
         momentum: momentum :math:`\mu` applied before preconditioning (0 disables it).
+        dampening: :math:`d` in :math:`M \leftarrow \mu M + (1 - d) g`, the buffer starting at
+            zero (unlike :class:`torch.optim.SGD`, the first step is dampened too, so with
+            :math:`d = \mu` the buffer is an exponential average of the gradients, as in the
+            K-BFGS authors' code).
         weight_decay: decoupled weight decay (the parameter is scaled by :math:`1 - \eta\,wd`).
         damping: damping :math:`\epsilon` handed to the inverter with each factor.
         curvature_every: :math:`T_1`, steps between statistics updates.
@@ -94,6 +105,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inverter: Inverter,
         lr: float = 1e-3,
         momentum: float = 0.9,
+        dampening: float = 0.0,
         weight_decay: float = 0.0,
         damping: float = 1e-3,
         curvature_every: int = 1,
@@ -113,6 +125,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         defaults = dict(
             lr=lr,
             momentum=momentum,
+            dampening=dampening,
             weight_decay=weight_decay,
             damping=damping,
             curvature_every=curvature_every,
@@ -151,6 +164,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._health: dict[int, dict[str, int]] = {}
         self._warned: set[str] = set()
         self._recorder: LayerRecorder | None = None
+        self._used_grads: dict[int, tuple[weakref.ref, int]] = {}
         self._build_plan()
 
     # ------------------------------------------------------------------ construction helpers
@@ -479,7 +493,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         Args:
             closure: re-evaluates the model and returns the loss. Called first (as in
                 :mod:`torch.optim`) unless the estimator needs it after the update (K-BFGS), in
-                which case it is called after the update on the same batch.
+                which case it is called after the update on the same batch (and also first when
+                no fresh gradient is present, so a closure-only loop works). The gradients of
+                that after-update call are discarded: ``p.grad`` keeps the step's gradient, and
+                the next step treats it as stale unless a backward pass changed it.
         """
         loss = None
         needs_after = self._evidence.closure
@@ -488,9 +505,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"estimator {self.estimator.name!r} needs a closure: opt.step(closure) where closure "
                 f"re-evaluates the loss on the same batch (zero_grad, forward, backward, return loss)"
             )
-        if closure is not None and (not needs_after or not any(
-            p.grad is not None for g in self.param_groups for p in g["params"]
-        )):
+        if closure is not None and (not needs_after or not self._has_fresh_grads()):
             with torch.enable_grad():
                 loss = closure()
         t = self._step_count
@@ -550,14 +565,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             state = self._state_of(b)
             work = statistics_dtype(b.params[0].dtype)
             g = b.to_view([torch.zeros_like(p) if p.grad is None else p.grad for p in b.params]).to(work)
-            mu = group["momentum"]
+            mu, keep = group["momentum"], 1.0 - group.get("dampening", 0.0)
             buf = state["momentum"]
             if mu == 0:
-                buf = g
+                buf = g if keep == 1.0 else keep * g
             elif buf is None:
-                buf = state["momentum"] = g.clone()
+                buf = state["momentum"] = g.clone() if keep == 1.0 else keep * g
             else:
-                buf.mul_(mu).add_(g)
+                buf.mul_(mu).add_(g, alpha=keep)
             direction = self.preconditioner.apply(
                 b, state["preconditioner"], buf, state["inverses"], gradient=g
             )
@@ -584,12 +599,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         # 5. a second evaluation at the new parameters, when the estimator needs it
         if needs_after:
-            with torch.enable_grad():
-                self.estimator.after_step(
-                    self._blocks, [self._state_of(b)["estimator"] for b in self._blocks],
-                    closure=closure, recorder=self._recorder,
-                )
+            params = [p for g in self.param_groups for p in g["params"]]
+            grads = [p.grad for p in params]
+            for p in params:  # the closure's backward must not touch the step's gradients
+                p.grad = None
+            try:
+                with torch.enable_grad():
+                    self.estimator.after_step(
+                        self._blocks, [self._state_of(b)["estimator"] for b in self._blocks],
+                        closure=closure, recorder=self._recorder,
+                    )
+            finally:
+                for p, g in zip(params, grads):
+                    p.grad = g
+            self._used_grads = {id(p): (weakref.ref(g), g._version) for p, g in zip(params, grads) if g is not None}
         return loss
+
+    def _has_fresh_grads(self) -> bool:
+        """Whether some parameter holds a gradient that the last step did not already use (a new
+        tensor, or one a backward pass accumulated into since)."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                used = self._used_grads.get(id(p))
+                if used is None or used[0]() is not p.grad or used[1] != p.grad._version:
+                    return True
+        return False
 
     # ------------------------------------------------------------------ state_dict
     def _method_signature(self) -> dict[str, Any]:
