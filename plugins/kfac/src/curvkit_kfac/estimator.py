@@ -200,6 +200,8 @@ class KFACEstimator(CurvatureEstimator):
 
     # ------------------------------------------------------------------ statistics
     def init_state(self, block: Block) -> dict[str, Any]:
+        """Zero ``A`` (``d_in x d_in``) and ``G`` (``d_out x d_out``), ``None`` on unfactored modes;
+        fallback blocks keep only an update counter."""
         if block.module is None:
             return {"updates": 0}
         ref = block.params[0]
@@ -212,6 +214,7 @@ class KFACEstimator(CurvatureEstimator):
         }
 
     def check_state(self, block: Block, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if a loaded state's factors do not fit the block's view."""
         if block.module is None:
             if "updates" not in state:
                 raise ValueError(f"block {block.name!r}: saved state is not a kfac fallback state")
@@ -233,6 +236,15 @@ class KFACEstimator(CurvatureEstimator):
         *,
         decay: float | None = None,
     ) -> None:
+        r"""Fold the recorded calls of the block's layer into ``A`` and ``G``.
+
+        With :math:`n` examples, :math:`r` rows and scale :math:`c` (see the module docstring),
+        :math:`\hat A = \frac1n \sum a a^\top` and :math:`\hat G = \frac{c^2}{r} \sum g g^\top`, then
+        :math:`S \leftarrow \text{decay}\, S + (1 - \text{decay})\, \hat S` (``decay=None``: 0 on the
+        first update, ``stat_decay`` after). Reads the output gradients of the ``"sampled"`` or
+        ``"minibatch"`` phase, as ``evidence`` says; a layer with no recorded gradient is left as
+        it is.
+        """
         if block.module is None:
             return
         if evidence.layer is None:
@@ -275,6 +287,7 @@ class KFACEstimator(CurvatureEstimator):
         state["updates"] += 1
 
     def _gradient_scale(self, evidence: BlockEvidence, first_input: Tensor) -> float:
+        """``gradient_scale``, else the batch size the optimizer reports, else the layer's dim 0."""
         if self.config.gradient_scale is not None:
             return float(self.config.gradient_scale)
         if evidence.batch_size is not None:
@@ -282,6 +295,8 @@ class KFACEstimator(CurvatureEstimator):
         return float(first_input.shape[0]) if first_input.dim() > 1 else 1.0
 
     def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
+        r"""``[Factor(G, d_G), Factor(A, d_A)]`` with :math:`d_A = d_G = \sqrt\lambda` (or the
+        :math:`\pi` split); ``None`` for fallback blocks and before the first update."""
         if block.module is None or state["updates"] == 0:
             return None
         A, G = state["A"], state["G"]

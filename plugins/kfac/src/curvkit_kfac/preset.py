@@ -59,10 +59,20 @@ def KFAC(
             param groups together with ``model=``.
         model: the model whose Linear and Conv2d layers are watched (required when the first
             argument is not the model).
-        lr, damping, momentum, weight_decay, curvature_every, invert_every, max_factor_dim,
-            nonfinite, seed: options of :class:`curvkit.CurvatureOptimizer`.
-        stat_decay, evidence, pi_damping, fallback, gradient_scale: options of
-            :class:`curvkit_kfac.KFACEstimator` (see :class:`curvkit_kfac.KFACConfig`).
+        lr: learning rate.
+        damping: :math:`\lambda`; each Kronecker factor gets :math:`\sqrt\lambda`.
+        momentum: momentum of the buffer the direction is formed from.
+        weight_decay: decoupled weight decay.
+        stat_decay: EMA decay of ``A`` and ``G``.
+        curvature_every: :math:`T_1`, steps between statistics updates.
+        invert_every: :math:`T_2`, steps between inversions.
+        evidence: ``"sampled"`` (true Fisher) or ``"empirical"``.
+        pi_damping: split the damping between the factors by the trace ratio :math:`\pi`.
+        fallback: ``"momentum"`` or ``"error"`` for parameters of layers kfac does not know.
+        gradient_scale: per-example rescaling of output gradients (``None``: the batch size).
+        max_factor_dim: modes larger than this stay unfactored (identity).
+        nonfinite: ``"skip"`` or ``"raise"`` on non-finite gradients or evidence.
+        seed: seed of the optimizer's target sampler.
         inverter: ``"damped_eigen"`` (power 1, robust to PSD rounding) or ``"cholesky"``
             (cheaper).
     """
