@@ -1,0 +1,154 @@
+r"""Quasi-Newton building blocks of K-BFGS: the BFGS inverse update, double damping, L-BFGS.
+
+All functions are pure (no state, no host synchronisation) and work in the dtype of their inputs.
+
+**BFGS inverse update.** Given an SPD approximation :math:`H` of an inverse Hessian and a pair
+:math:`(s, y)` with :math:`s^\top y > 0`, :math:`\rho = 1 / s^\top y`,
+
+.. math::
+    H_+ = (I - \rho s y^\top) H (I - \rho y s^\top) + \rho s s^\top
+        = H - \rho (s\, (Hy)^\top + Hy\, s^\top) + (\rho^2\, y^\top H y + \rho)\, s s^\top ,
+
+which is SPD and satisfies the secant equation :math:`H_+ y = s` (:func:`bfgs_inverse_update`,
+:math:`O(d^2)`).
+
+**Double damping** (Goldfarb, Ren & Bahamou, 2020), :func:`double_damping`: first Powell's damping
+written for the inverse :math:`H`: if :math:`s^\top y < \mu_1\, y^\top H y`,
+
+.. math::
+    \theta_1 = \frac{(1 - \mu_1)\, y^\top H y}{y^\top H y - s^\top y}, \qquad
+    \tilde s = \theta_1 s + (1 - \theta_1) H y ,
+
+so that :math:`\tilde s^\top y \ge \mu_1\, y^\top H y` (with equality when it acts); then a
+Levenberg-Marquardt step that keeps :math:`H_+` bounded above, in one of two forms:
+
+* ``"interpolate"`` (what the authors' code runs; Powell's damping again, with :math:`B = I`): if
+  :math:`\tilde s^\top y < \mu_2\, \tilde s^\top \tilde s`,
+  :math:`\theta_2 = (1 - \mu_2)\, \tilde s^\top \tilde s / (\tilde s^\top \tilde s - \tilde s^\top y)`
+  and :math:`\tilde y = \theta_2 y + (1 - \theta_2) \tilde s`, so that
+  :math:`\tilde s^\top \tilde y \ge \mu_2\, \tilde s^\top \tilde s`;
+* ``"add"`` (the textbook Levenberg-Marquardt form): :math:`\tilde y = y + \mu_2 \tilde s`, so that
+  :math:`\tilde s^\top \tilde y = \tilde s^\top y + \mu_2\, \tilde s^\top \tilde s
+  \ge \mu_1\, y^\top H y + \mu_2\, \tilde s^\top \tilde s`.
+
+**L-BFGS.** With the last :math:`k` pairs as rows of :math:`S, Y \in \mathbb{R}^{k \times d}` and
+:math:`H_0 = I`, the limited-memory matrix is the dense BFGS matrix obtained by applying the
+inverse update to :math:`I` with those pairs in order. :func:`lbfgs_apply` applies it to vectors
+by the two-loop recursion (:math:`O(kd)` per vector); :func:`lbfgs_matrix` materialises it with
+the compact representation of Byrd, Nocedal & Schnabel (1994): with :math:`R` the upper triangle
+of :math:`S Y^\top` (:math:`R_{ij} = s_i^\top y_j, i \le j`), :math:`D = \mathrm{diag}(S Y^\top)`
+and :math:`Z = R^{-1} S`,
+
+.. math:: H = I + Z^\top (D + Y Y^\top) Z - Z^\top Y - Y^\top Z \qquad (O(k d^2)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LM_FORMS",
+    "accept_pair",
+    "bfgs_inverse_update",
+    "double_damping",
+    "lbfgs_apply",
+    "lbfgs_matrix",
+]
+
+#: The forms of the Levenberg-Marquardt part of :func:`double_damping`.
+LM_FORMS = ("interpolate", "add")
+
+
+def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
+    r"""The BFGS update :math:`H_+` of the inverse approximation ``h`` with the pair ``(s, y)``.
+
+    The caller guarantees :math:`s^\top y > 0` (see :func:`accept_pair`). The result is exactly
+    symmetric when ``h`` is.
+    """
+    rho = 1.0 / torch.dot(s, y)
+    hy = h @ y
+    coef = rho * rho * torch.dot(y, hy) + rho
+    cross = torch.outer(s, hy)
+    return h + coef * torch.outer(s, s) - rho * (cross + cross.T)
+
+
+def double_damping(
+    s: Tensor, y: Tensor, hy: Tensor, *, mu1: float, mu2: float, form: str = "interpolate"
+) -> tuple[Tensor, Tensor]:
+    r"""Powell's damping on :math:`H` followed by Levenberg-Marquardt damping (module docstring).
+
+    Args:
+        s, y: the pair, shape ``(d,)``.
+        hy: :math:`H y` with the current inverse approximation :math:`H`.
+        mu1: Powell's constant :math:`\mu_1` (0.2 in the paper).
+        mu2: the Levenberg-Marquardt constant :math:`\mu_2` (:math:`\sqrt\lambda`).
+        form: ``"interpolate"`` or ``"add"``.
+
+    Returns:
+        The damped pair :math:`(\tilde s, \tilde y)`.
+    """
+    if form not in LM_FORMS:
+        raise ValueError(f"form must be one of {LM_FORMS}, got {form!r}")
+    sy, yhy = torch.dot(s, y), torch.dot(y, hy)
+    powell = sy < mu1 * yhy
+    gap = torch.where(powell, yhy - sy, torch.ones_like(sy))
+    theta1 = torch.where(powell, (1.0 - mu1) * yhy / gap, torch.ones_like(sy))
+    s_t = theta1 * s + (1.0 - theta1) * hy
+    if form == "add":
+        return s_t, y + mu2 * s_t
+    sty, sts = torch.dot(s_t, y), torch.dot(s_t, s_t)
+    lm = sty < mu2 * sts
+    gap2 = torch.where(lm, sts - sty, torch.ones_like(sts))
+    theta2 = torch.where(lm, (1.0 - mu2) * sts / gap2, torch.ones_like(sts))
+    return s_t, theta2 * y + (1.0 - theta2) * s_t
+
+
+def accept_pair(s: Tensor, y: Tensor, reference: Tensor, *, tol: float) -> Tensor:
+    r"""Whether a (damped) pair may update :math:`H`, as a 0-d bool tensor (no host sync).
+
+    Accepted when everything is finite and
+    :math:`s^\top y > \max(0,\ \mathrm{tol}\cdot s^\top s\,\lVert r\rVert)` with ``reference``
+    :math:`r` (the mean output gradient for the pre-activation side, the mean input for the
+    activation side), the skip rule of the authors' code.
+    """
+    sy, ss = torch.dot(s, y), torch.dot(s, s)
+    finite = torch.isfinite(s).all() & torch.isfinite(y).all() & torch.isfinite(reference).all()
+    return finite & (sy > 0) & (sy > tol * ss * torch.linalg.vector_norm(reference))
+
+
+def lbfgs_apply(s_rows: Tensor, y_rows: Tensor, v: Tensor) -> Tensor:
+    r"""The L-BFGS matrix (pairs ``s_rows``, ``y_rows`` of shape ``(k, d)``, oldest first,
+    :math:`H_0 = I`) times ``v`` of shape ``(d,)`` or ``(d, n)``, by the two-loop recursion."""
+    k = s_rows.shape[0]
+    if k == 0:
+        return v.clone()
+    vector = v.dim() == 1
+    q = v.unsqueeze(1) if vector else v.clone()
+    rho = 1.0 / (s_rows * y_rows).sum(dim=1)
+    alphas: list[Tensor] = []
+    for i in range(k - 1, -1, -1):  # newest to oldest
+        alpha = rho[i] * (s_rows[i] @ q)
+        alphas.append(alpha)
+        q = q - torch.outer(y_rows[i], alpha)
+    r = q
+    for i in range(k):  # oldest to newest
+        beta = rho[i] * (y_rows[i] @ r)
+        r = r + torch.outer(s_rows[i], alphas[k - 1 - i] - beta)
+    return r.squeeze(1) if vector else r
+
+
+def lbfgs_matrix(s_rows: Tensor, y_rows: Tensor) -> Tensor:
+    r"""The L-BFGS matrix of the pairs (``(k, d)`` each, oldest first, :math:`H_0 = I`) as a dense
+    ``(d, d)`` tensor, by the compact representation (module docstring)."""
+    k, d = s_rows.shape
+    eye = torch.eye(d, dtype=s_rows.dtype, device=s_rows.device)
+    if k == 0:
+        return eye
+    sy = s_rows @ y_rows.T
+    r = torch.triu(sy)
+    z = torch.linalg.solve_triangular(r, s_rows, upper=True)
+    middle = torch.diag(torch.diagonal(sy)) + y_rows @ y_rows.T
+    zy = z.T @ y_rows
+    h = eye + z.T @ middle @ z - zy - zy.T
+    return 0.5 * (h + h.T)

@@ -1,0 +1,329 @@
+r"""The ``kbfgs`` estimator: K-BFGS and K-BFGS(L) (Goldfarb, Ren & Bahamou, NeurIPS 2020).
+
+For a Linear layer :math:`h = W a` (bias as a homogeneous column of :math:`W`, a 1 appended to
+:math:`a`), K-BFGS approximates the inverse of the layer's Hessian block by a Kronecker product
+:math:`H_g \otimes H_a` and moves along :math:`P = H_g M H_a` (:math:`M` the momentum buffer).
+Both factors are *inverses*, kept directly, so the estimator is composed with the core ``identity``
+inverter and the core ``kronecker_mode`` preconditioner (mode 0 = ``out`` = :math:`H_g`, mode 1 =
+``in + 1`` = :math:`H_a`).
+
+**Activation side** :math:`H_a \approx (A + \sqrt\lambda I)^{-1}`. On every statistics step
+(:meth:`update`, before the direction) :math:`A \leftarrow \beta A + (1 - \beta)\, \overline{a a^\top}`
+(``stat_decay`` :math:`\beta`; the first update, or ``opt.warm_start``, sets :math:`A`). The
+first time factors are requested :math:`H_a` is inverted exactly, once; after every step
+(:meth:`after_step`) it is updated by BFGS with the Hessian-action pair
+
+.. math:: s_a = H_a \bar a, \qquad y_a = (A + \sqrt\lambda I)\, s_a ,
+
+with :math:`\bar a` the mean input of the step's batch at :math:`\theta_t`.
+
+**Pre-activation side** :math:`H_g`, from :math:`H_g = I`. After the parameter update the
+optimizer hands over the closure; the estimator reads the mean pre-activation :math:`\bar h` and
+:math:`\bar g = \sum_{\text{rows}} \partial L / \partial h` recorded in the step's own backward at
+:math:`\theta_t` (phase ``"minibatch"``: the true-label minibatch loss, as in the paper), calls the
+closure once (forward and backward on the same batch at :math:`\theta_{t+1}`) and reads them again:
+
+.. math::
+    s \leftarrow \beta_p s + (1 - \beta_p)(\bar h^+ - \bar h), \qquad
+    y \leftarrow \beta_p y + (1 - \beta_p)(\bar g^+ - \bar g)
+
+(``pair_decay`` :math:`\beta_p`, from zero; BFGS is invariant to scaling both by one factor, so
+the zero start is harmless). For a batch-mean loss :math:`\bar g` is the mean of the per-example
+gradients, the authors' scale. The pair is double damped (:func:`~curvkit_kbfgs.bfgs.double_damping`,
+:math:`\mu_1` = ``powell``, :math:`\mu_2 = \sqrt\lambda`), skipped unless
+:func:`~curvkit_kbfgs.bfgs.accept_pair` holds, and folded into :math:`H_g` by the dense BFGS update
+(``memory=None``: K-BFGS) or appended to the last ``memory`` pairs (K-BFGS(L)).
+
+**K-BFGS(L) and the preconditioner.** The core ``kronecker_mode`` preconditioner takes one matrix
+per mode, so the L-BFGS operator is materialised from its pairs whenever factors are requested
+(compact representation, :math:`O(m\, d_{out}^2)` flops and a transient
+:math:`d_{out} \times d_{out}` matrix per step; the stored state is :math:`O(m\, d_{out})`). For
+layers with very large ``out`` this costs what a dense :math:`H_g` costs; the two-loop recursion
+(:func:`~curvkit_kbfgs.bfgs.lbfgs_apply`) serves the damping's :math:`H y`.
+
+:math:`\lambda` is the optimizer's (per-group) ``damping``; the estimator reads it when factors are
+requested and keeps the last value for its after-step updates. Non-finite statistics heal
+themselves: a non-finite :math:`A` restarts from the next batch, a non-finite :math:`H_a` is
+re-inverted from :math:`A`, a non-finite :math:`H_g` (or pair memory) restarts from the identity.
+(The optimizer discards the closure's gradients at :math:`\theta_{t+1}`: ``p.grad`` keeps the
+step's gradient.) The closure must evaluate the same batch deterministically (no dropout
+sampling), or the pairs measure noise instead of curvature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from curvkit import (
+    Block, BlockEvidence, CurvatureEstimator, EvidenceSpec, Factor, LayerRecorder, PartConfig, Source, register,
+)
+from curvkit.config import check_choice, check_in_unit_interval, check_nonnegative, check_positive_int
+
+from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update, double_damping, lbfgs_apply, lbfgs_matrix
+from .layers import FALLBACK_KIND, LayerMeans, layer_inputs, layer_means, plan_blocks
+
+__all__ = ["KBFGSConfig", "KBFGSEstimator", "damped_inverse"]
+
+
+@dataclass(frozen=True)
+class KBFGSConfig(PartConfig):
+    """Options of :class:`KBFGSEstimator`.
+
+    Attributes:
+        stat_decay: EMA decay :math:`\\beta` of the activation statistic ``A`` (0.9).
+        pair_decay: EMA decay :math:`\\beta_p` of the pre-activation pairs ``(s, y)`` (0.9).
+        powell: Powell's constant :math:`\\mu_1` of the double damping, in (0, 1) (0.2).
+        lm: the Levenberg-Marquardt part, ``"interpolate"`` (the authors' code) or ``"add"``
+            (:math:`\\tilde y = y + \\mu_2 \\tilde s`); see :mod:`curvkit_kbfgs.bfgs`.
+        memory: ``None`` keeps :math:`H_g` as a dense BFGS matrix (K-BFGS); an integer keeps the
+            last ``memory`` pairs as an L-BFGS operator (K-BFGS(L), 100 in the paper).
+        skip_tol: a pair is skipped unless :math:`s^\\top y > \\mathrm{tol}\\, s^\\top s\\, \\lVert r \\rVert`
+            (:func:`curvkit_kbfgs.bfgs.accept_pair`; 1e-4 as in the authors' code).
+        unsupported: parameters outside Linear layers get ``"fallback"`` (plain momentum) or
+            ``"error"`` (refused when the optimizer is built).
+    """
+
+    stat_decay: float = 0.9
+    pair_decay: float = 0.9
+    powell: float = 0.2
+    lm: str = "interpolate"
+    memory: int | None = None
+    skip_tol: float = 1e-4
+    unsupported: str = "fallback"
+
+    def __post_init__(self) -> None:
+        check_in_unit_interval("stat_decay", self.stat_decay)
+        check_in_unit_interval("pair_decay", self.pair_decay)
+        check_in_unit_interval("powell", self.powell)
+        if self.powell == 0:
+            raise ValueError("powell must satisfy 0 < powell < 1 (0.2 in the paper), got 0")
+        check_choice("lm", self.lm, LM_FORMS)
+        check_positive_int("memory", self.memory, allow_none=True)
+        check_nonnegative("skip_tol", self.skip_tol)
+        check_choice("unsupported", self.unsupported, ("fallback", "error"))
+
+
+def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def damped_inverse(a: Tensor, shift: float) -> Tensor:
+    r""":math:`(A + \text{shift}\, I)^{-1}` by a float64 Cholesky factorisation, symmetrised, in
+    ``a``'s dtype (not finite when ``a`` is not)."""
+    eye = torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
+    chol, _ = torch.linalg.cholesky_ex(a.to(torch.float64) + shift * eye)
+    inv = torch.cholesky_inverse(chol)
+    return (0.5 * (inv + inv.T)).to(a.dtype)
+
+
+def _all_finite(*tensors: Tensor) -> Tensor:
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+@register("estimator", "kbfgs")
+class KBFGSEstimator(CurvatureEstimator):
+    """Kronecker-factored BFGS inverses :math:`H_g` (pre-activations) and :math:`H_a` (inputs) of
+    Linear layers; compose it with ``inverter="identity"`` and ``preconditioner="kronecker_mode"``."""
+
+    Config = KBFGSConfig
+
+    @property
+    def evidence(self) -> EvidenceSpec:
+        return EvidenceSpec(source=Source.MINIBATCH, layer_io=True, closure=True)
+
+    def plan(
+        self,
+        named_params: Sequence[tuple[str, nn.Parameter, int]],
+        *,
+        model: nn.Module | None,
+        max_factor_dim: int | None,
+    ) -> list[Block]:
+        """One ``(out, in [+ 1])`` block per Linear layer (see :mod:`curvkit_kbfgs.layers`)."""
+        return plan_blocks(named_params, model=model, max_factor_dim=max_factor_dim,
+                           unsupported=self.config.unsupported)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, block: Block) -> dict[str, Any]:
+        if block.kind == FALLBACK_KIND:
+            return {}
+        ref = block.params[0]
+        dtype, device = _statistics_dtype(ref.dtype), ref.device
+        (d_out, d_in), (f_out, f_in) = block.shape, block.factored
+        dense = self.config.memory is None
+        zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        return {
+            "A": zeros(d_in, d_in) if f_in else None,
+            "Ha": None,
+            "updates": 0,
+            "Hg": torch.eye(d_out, dtype=dtype, device=device) if f_out and dense else None,
+            "S": zeros(0, d_out) if f_out and not dense else None,
+            "Y": zeros(0, d_out) if f_out and not dense else None,
+            "s_avg": zeros(d_out) if f_out else None,
+            "y_avg": zeros(d_out) if f_out else None,
+            "damping": None,
+            "counts": {"a_pairs": 0, "a_skipped": 0, "g_pairs": 0, "g_skipped": 0, "resets": 0},
+        }
+
+    def check_state(self, block: Block, state: dict[str, Any]) -> None:
+        expected = self.init_state(block)
+        if set(state) != set(expected):
+            raise ValueError(
+                f"block {block.name!r}: saved K-BFGS state has entries {sorted(state)}, expected "
+                f"{sorted(expected)} (saved for another block plan?)"
+            )
+        if not expected:
+            return
+        d_out, d_in = block.shape
+        shapes = {"A": (d_in, d_in), "Ha": (d_in, d_in), "Hg": (d_out, d_out), "s_avg": (d_out,), "y_avg": (d_out,)}
+        for key, shape in shapes.items():
+            got, allowed = state[key], expected["A" if key == "Ha" else key] is not None
+            if got is None and allowed and key != "Ha":
+                raise ValueError(f"block {block.name!r}: saved state lacks {key} (saved with another memory setting?)")
+            if got is not None and (not allowed or tuple(got.shape) != shape):
+                raise ValueError(f"block {block.name!r}: saved {key} of shape {tuple(got.shape)} does not fit this "
+                                 f"block (expected {shape if allowed else 'none'}; this estimator has "
+                                 f"memory={self.config.memory})")
+        for key in ("S", "Y"):
+            got, want = state[key], expected[key]
+            if (got is None) != (want is None) or (
+                got is not None and (got.dim() != 2 or got.shape[1] != d_out or got.shape[0] > self.config.memory)
+            ):
+                raise ValueError(f"block {block.name!r}: saved L-BFGS pairs {key} do not fit this block "
+                                 f"(memory={self.config.memory}, out={d_out})")
+
+    # ------------------------------------------------------------------ statistics
+    def update(
+        self, block: Block, state: dict[str, Any], evidence: BlockEvidence, *, decay: float | None = None
+    ) -> None:
+        """Fold the step's mean :math:`\\overline{a a^\\top}` into ``A`` (no host sync)."""
+        if block.kind == FALLBACK_KIND or state["A"] is None:
+            return
+        a = layer_inputs(evidence.layer, block, state["A"].dtype)
+        if a is None:
+            return
+        batch = a.T @ a / a.shape[0]
+        if decay is None:
+            decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
+        old = state["A"]
+        fresh = torch.where(torch.isfinite(old).all(), decay * old + (1.0 - decay) * batch, batch)
+        state["A"] = torch.where(torch.isfinite(batch).all(), fresh, old)
+        state["updates"] += 1
+
+    def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
+        """``[H_g, H_a]`` as already-damped inverses (``Factor.damping = 0``); the first call
+        after statistics exist inverts :math:`A + \\sqrt\\lambda I` (once)."""
+        if block.kind == FALLBACK_KIND:
+            return None
+        state["damping"] = float(damping)
+        f_out, f_in = block.factored
+        if f_in and state["Ha"] is None:
+            if state["updates"] == 0:
+                return None
+            state["Ha"] = damped_inverse(state["A"], math.sqrt(damping))
+        h_g = None
+        if f_out:
+            h_g = state["Hg"] if self.config.memory is None else lbfgs_matrix(state["S"], state["Y"])
+        return [
+            Factor(h_g, 0.0) if h_g is not None else None,
+            Factor(state["Ha"], 0.0) if f_in else None,
+        ]
+
+    # ------------------------------------------------------------------ after the step
+    def after_step(
+        self,
+        blocks: Sequence[Block],
+        states: Sequence[dict[str, Any]],
+        *,
+        closure: Callable[[], Tensor],
+        recorder: LayerRecorder | None,
+    ) -> None:
+        """Update :math:`H_a` and :math:`H_g` from the step's batch at :math:`\\theta_t` and
+        :math:`\\theta_{t+1}` (one closure call; none when no Linear layer recorded anything)."""
+        work: list[tuple[Block, dict[str, Any], LayerMeans]] = []
+        for b, st in zip(blocks, states):
+            if b.kind == FALLBACK_KIND or st.get("damping") is None:
+                continue
+            before = layer_means(recorder, b, _statistics_dtype(b.params[0].dtype), inputs=st["Ha"] is not None)
+            if before is not None:
+                work.append((b, st, before))
+        if work:
+            closure()
+            self._fold_pairs(work, recorder)
+
+    def _fold_pairs(self, work: list[tuple[Block, dict[str, Any], LayerMeans]], recorder: LayerRecorder | None) -> None:
+        cfg = self.config
+        flags: list[Tensor] = []
+        plans = []
+        for b, st, before in work:
+            mu = math.sqrt(st["damping"])
+            plan: dict[str, Any] = {}
+            if st["Ha"] is not None:
+                s_a = st["Ha"] @ before.a
+                y_a = st["A"] @ s_a + mu * s_a
+                plan["a"] = (s_a, y_a, len(flags))
+                flags += [accept_pair(s_a, y_a, before.a, tol=cfg.skip_tol), _all_finite(st["Ha"]), _all_finite(st["A"])]
+            after = layer_means(recorder, b, before.h.dtype, inputs=False) if st["s_avg"] is not None else None
+            if after is not None:
+                if after.rows != before.rows:
+                    raise ValueError(
+                        f"K-BFGS: layer {b.name!r} saw {before.rows} rows in the step's forward pass and "
+                        f"{after.rows} in the closure's: the closure must re-evaluate the same batch"
+                    )
+                self._average_pair(st, after.h - before.h, after.g - before.g)
+                memory = [st["Hg"]] if cfg.memory is None else [st["S"], st["Y"]]
+                hy = st["Hg"] @ st["y_avg"] if cfg.memory is None else lbfgs_apply(st["S"], st["Y"], st["y_avg"])
+                s_t, y_t = double_damping(st["s_avg"], st["y_avg"], hy, mu1=cfg.powell, mu2=mu, form=cfg.lm)
+                plan["g"] = (s_t, y_t, len(flags))
+                flags += [accept_pair(s_t, y_t, before.g, tol=cfg.skip_tol), _all_finite(*memory)]
+            plans.append(plan)
+        decided = torch.stack(flags).tolist() if flags else []  # the one host sync of the update
+        for (b, st, before), plan in zip(work, plans):
+            counts = st["counts"]
+            if "a" in plan:
+                s_a, y_a, i = plan["a"]
+                ok, ha_finite, a_finite = decided[i:i + 3]
+                if not ha_finite:
+                    counts["resets"] += 1
+                    if a_finite:
+                        st["Ha"] = damped_inverse(st["A"], math.sqrt(st["damping"]))
+                elif ok:
+                    st["Ha"] = bfgs_inverse_update(st["Ha"], s_a, y_a)
+                counts["a_pairs" if ok and ha_finite else "a_skipped"] += 1
+            if "g" in plan:
+                s_t, y_t, i = plan["g"]
+                ok, memory_finite = decided[i:i + 2]
+                if not memory_finite:
+                    counts["resets"] += 1
+                    self._reset_hg(st)
+                elif ok:
+                    self._fold_g(st, s_t, y_t)
+                counts["g_pairs" if ok and memory_finite else "g_skipped"] += 1
+
+    def _average_pair(self, st: dict[str, Any], s: Tensor, y: Tensor) -> None:
+        beta = self.config.pair_decay
+        s_avg, y_avg = st["s_avg"], st["y_avg"]
+        avg_finite = _all_finite(s_avg, y_avg)
+        s_avg = torch.where(avg_finite, s_avg, torch.zeros_like(s_avg))
+        y_avg = torch.where(avg_finite, y_avg, torch.zeros_like(y_avg))
+        new_finite = _all_finite(s, y)
+        st["s_avg"] = torch.where(new_finite, beta * s_avg + (1.0 - beta) * s, s_avg)
+        st["y_avg"] = torch.where(new_finite, beta * y_avg + (1.0 - beta) * y, y_avg)
+
+    def _reset_hg(self, st: dict[str, Any]) -> None:
+        if self.config.memory is None:
+            st["Hg"] = torch.eye(st["Hg"].shape[0], dtype=st["Hg"].dtype, device=st["Hg"].device)
+        else:
+            st["S"], st["Y"] = st["S"][:0], st["Y"][:0]
+
+    def _fold_g(self, st: dict[str, Any], s: Tensor, y: Tensor) -> None:
+        memory = self.config.memory
+        if memory is None:
+            st["Hg"] = bfgs_inverse_update(st["Hg"], s, y)
+        else:
+            st["S"] = torch.cat([st["S"], s[None]])[-memory:]
+            st["Y"] = torch.cat([st["Y"], y[None]])[-memory:]
