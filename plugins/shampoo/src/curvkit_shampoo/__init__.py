@@ -3,17 +3,17 @@ r"""curvkit-shampoo: Shampoo as a curvkit plugin.
 Importing the package (which curvkit does through the ``curvkit.plugins`` entry point at the
 first registry lookup) registers:
 
-==================  ==================  ==========================================================
-kind                name                what
-==================  ==================  ==========================================================
-estimator           ``shampoo``         mode Gram matrices of the minibatch gradient, EMA or sum,
-                                        optional splitting of large modes (``block_size``)
-inverter            ``coupled_newton``  :math:`(A + \epsilon I)^{-1/p}` by the coupled Newton
-                                        iteration, :math:`p` fixed or :math:`2k`
+==================  =====================  ==========================================================
+kind                name                   what
+==================  =====================  ==========================================================
+estimator           ``shampoo``            mode Gram matrices of the minibatch gradient, EMA or sum,
+                                           optional splitting of large modes (``block_size``)
+inverter            ``coupled_newton``     :math:`(A + \epsilon I)^{-1/p}` by the coupled Newton
+                                           iteration, :math:`p` fixed or :math:`2k`
 preconditioner      ``grafted_kronecker``  Kronecker mode products with the norm of an Adam,
-                                        AdaGrad or SGD direction, and a start step
-method              ``Shampoo``         the preset (:func:`Shampoo`)
-==================  ==================  ==========================================================
+                                           AdaGrad or SGD direction, and a start step
+method              ``Shampoo``            the preset (:func:`Shampoo`)
+==================  =====================  ==========================================================
 
 Everything else (views, Kronecker mode products, ``damped_eigen`` roots, the optimizer) is
 curvkit's own.
