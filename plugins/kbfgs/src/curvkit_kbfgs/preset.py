@@ -94,10 +94,12 @@ def KBFGS(
         model_or_params: the model itself (all its parameters are optimised), or parameters /
             param groups together with ``model=``.
         model: the model whose Linear layers are watched (required unless it is the first argument).
-        lr, damping, momentum, dampening, weight_decay, curvature_every, invert_every,
-            max_factor_dim, nonfinite, seed: options of :class:`curvkit.CurvatureOptimizer`
-            (``damping`` is :math:`\lambda`; ``curvature_every`` schedules the ``A`` statistics,
-            ``invert_every`` how often the direction picks up the current :math:`H_g, H_a`).
+        lr, damping, momentum, dampening, weight_decay: options of
+            :class:`curvkit.CurvatureOptimizer` (``damping`` is :math:`\lambda`).
+        curvature_every, invert_every, max_factor_dim, nonfinite, seed: options of
+            :class:`curvkit.CurvatureOptimizer` (``curvature_every`` schedules the ``A``
+            statistics, ``invert_every`` how often the direction picks up the current
+            :math:`H_g, H_a`).
         stat_decay, pair_decay, powell, lm, skip_tol, unsupported: options of
             :class:`curvkit_kbfgs.KBFGSEstimator` (see :class:`curvkit_kbfgs.KBFGSConfig`).
     """
