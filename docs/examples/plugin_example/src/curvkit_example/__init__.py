@@ -16,6 +16,8 @@ lookup, so importing this package has no side effects.
 
 from __future__ import annotations
 
+from curvkit.registry import Registry
+
 from .estimator import ModeDiagonal, ModeDiagonalConfig
 from .inverter import DiagonalPower, DiagonalPowerConfig
 from .preset import DiagonalShampoo
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-def register_parts(registry) -> None:
+def register_parts(registry: Registry) -> None:
     """Register this plugin's parts in ``registry`` (the entry point's object)."""
     registry.register("estimator", "mode_diagonal", ModeDiagonal)
     registry.register("inverter", "diagonal_power", DiagonalPower)
