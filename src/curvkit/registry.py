@@ -133,6 +133,7 @@ class Registry:
                     obj = ep.load()
                     if callable(obj) and not inspect.ismodule(obj):
                         obj(self)
+                    self._credit(ep.module, origin)
                 except Exception as exc:  # a broken plugin must not break the core
                     self._plugin_errors[ep.name] = f"{type(exc).__name__}: {exc}"
                     warnings.warn(
@@ -142,6 +143,14 @@ class Registry:
                     )
                 finally:
                     self._loading_origin = None
+
+    def _credit(self, module: str, origin: str) -> None:
+        """Name the distribution as origin of parts its module registered on an earlier import."""
+        root = module.split(".")[0]
+        for entries in self._entries.values():
+            for key, entry in entries.items():
+                if entry.origin == root or entry.origin.startswith(root + "."):
+                    entries[key] = RegistryEntry(entry.kind, entry.name, entry.obj, origin)
 
     def get(self, kind: str, name: str) -> Any:
         """The object registered as ``kind``/``name``.
