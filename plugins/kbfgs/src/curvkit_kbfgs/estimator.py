@@ -43,8 +43,10 @@ layers with very large ``out`` this costs what a dense :math:`H_g` costs; the tw
 
 :math:`\lambda` is the optimizer's (per-group) ``damping``; the estimator reads it when factors are
 requested and keeps the last value for its after-step updates. Non-finite statistics heal
-themselves: a non-finite :math:`A` restarts from the next batch, a non-finite :math:`H_a` is
-re-inverted from :math:`A`, a non-finite :math:`H_g` (or pair memory) restarts from the identity.
+themselves: a non-finite :math:`A` or :math:`H_a` restarts both (``A`` from the next batch, then
+one exact inversion), a non-finite :math:`H_g` (or pair memory) restarts from the identity. They
+are detected from the vectors :math:`H_a \bar a`, :math:`A s_a` and :math:`H_g y` the updates
+compute anyway, without scanning the matrices.
 (The optimizer discards the closure's gradients at :math:`\theta_{t+1}`: ``p.grad`` keeps the
 step's gradient.) The closure must evaluate the same batch deterministically (no dropout
 sampling), or the pairs measure noise instead of curvature.
@@ -210,8 +212,9 @@ class KBFGSEstimator(CurvatureEstimator):
         if decay is None:
             decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
         old = state["A"]
-        fresh = torch.where(torch.isfinite(old).all(), decay * old + (1.0 - decay) * batch, batch)
-        state["A"] = torch.where(torch.isfinite(batch).all(), fresh, old)
+        new = batch if decay == 0.0 else decay * old + (1.0 - decay) * batch
+        # a non-finite entry of a (or an overflow) always shows on the diagonal of a^T a
+        state["A"] = torch.where(torch.isfinite(batch.diagonal()).all(), new, old)
         state["updates"] += 1
 
     def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
@@ -266,7 +269,9 @@ class KBFGSEstimator(CurvatureEstimator):
                 s_a = st["Ha"] @ before.a
                 y_a = st["A"] @ s_a + mu * s_a
                 plan["a"] = (s_a, y_a, len(flags))
-                flags += [accept_pair(s_a, y_a, before.a, tol=cfg.skip_tol), _all_finite(st["Ha"]), _all_finite(st["A"])]
+                # a non-finite entry of H_a (of A) makes s_a (y_a) non-finite: no d x d scans
+                flags += [accept_pair(s_a, y_a, before.a, tol=cfg.skip_tol), _all_finite(before.a),
+                          _all_finite(s_a, y_a)]
             after = layer_means(recorder, b, before.h.dtype, inputs=False) if st["s_avg"] is not None else None
             if after is not None:
                 if after.rows != before.rows:
@@ -275,25 +280,24 @@ class KBFGSEstimator(CurvatureEstimator):
                         f"{after.rows} in the closure's: the closure must re-evaluate the same batch"
                     )
                 self._average_pair(st, after.h - before.h, after.g - before.g)
-                memory = [st["Hg"]] if cfg.memory is None else [st["S"], st["Y"]]
                 hy = st["Hg"] @ st["y_avg"] if cfg.memory is None else lbfgs_apply(st["S"], st["Y"], st["y_avg"])
                 s_t, y_t = double_damping(st["s_avg"], st["y_avg"], hy, mu1=cfg.powell, mu2=mu, form=cfg.lm)
                 plan["g"] = (s_t, y_t, len(flags))
-                flags += [accept_pair(s_t, y_t, before.g, tol=cfg.skip_tol), _all_finite(*memory)]
+                # y_avg is finite here, so a non-finite H y means a non-finite H_g (or pair memory)
+                flags += [accept_pair(s_t, y_t, before.g, tol=cfg.skip_tol), _all_finite(hy)]
             plans.append(plan)
         decided = torch.stack(flags).tolist() if flags else []  # the one host sync of the update
         for (b, st, before), plan in zip(work, plans):
             counts = st["counts"]
             if "a" in plan:
                 s_a, y_a, i = plan["a"]
-                ok, ha_finite, a_finite = decided[i:i + 3]
-                if not ha_finite:
+                ok, input_finite, matrices_finite = decided[i:i + 3]
+                if input_finite and not matrices_finite:  # restart A from the next batch, re-invert
                     counts["resets"] += 1
-                    if a_finite:
-                        st["Ha"] = damped_inverse(st["A"], math.sqrt(st["damping"]))
+                    st["A"], st["Ha"], st["updates"] = torch.zeros_like(st["A"]), None, 0
                 elif ok:
                     st["Ha"] = bfgs_inverse_update(st["Ha"], s_a, y_a)
-                counts["a_pairs" if ok and ha_finite else "a_skipped"] += 1
+                counts["a_pairs" if ok else "a_skipped"] += 1
             if "g" in plan:
                 s_t, y_t, i = plan["g"]
                 ok, memory_finite = decided[i:i + 2]

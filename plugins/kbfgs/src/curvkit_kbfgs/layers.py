@@ -123,7 +123,8 @@ def _fallback_block(
 def _rows(tensors: Sequence[Tensor | None]) -> Tensor | None:
     if not tensors or any(t is None for t in tensors):
         return None
-    return torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors])  # type: ignore[union-attr]
+    rows = [t.reshape(-1, t.shape[-1]) for t in tensors]  # type: ignore[union-attr]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def layer_inputs(recorder: LayerRecorder | None, block: Block, dtype: torch.dtype) -> Tensor | None:
