@@ -232,3 +232,41 @@ def test_zero_grad_and_step_count():
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     assert opt.step_count == 2
+
+
+def test_sync_statistics_needs_a_process_group_and_linear_statistics():
+    model = mlp()
+    opt = curvkit.TNT(model.parameters(), sync_statistics=True)
+    out = model(torch.randn(4, 6))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        opt.update_curvature(out, loss="cross_entropy")
+
+    class NonLinear(curvkit.TensorNormal):
+        linear_statistics = False
+
+    with pytest.raises(ValueError, match="linear"):
+        curvkit.CurvatureOptimizer(mlp().parameters(), estimator=NonLinear(), preconditioner=curvkit.KroneckerMode(),
+                                   inverter=curvkit.DampedEigen(), sync_statistics=True)
+
+
+def test_sync_statistics_in_a_single_process_group_is_the_identity():
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        a, b = mlp(), mlp()
+        b.load_state_dict(a.state_dict())
+        x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+        opt_a = curvkit.TNT(a.parameters(), lr=0.01, seed=1, sync_statistics=True)
+        opt_b = curvkit.TNT(b.parameters(), lr=0.01, seed=1)
+        train(a, opt_a, 3, x=x, y=y)
+        train(b, opt_b, 3, x=x, y=y)
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()

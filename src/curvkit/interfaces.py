@@ -175,6 +175,10 @@ class CurvatureEstimator(Part):
     step (K-BFGS) declare ``closure`` and implement :meth:`after_step`.
     """
 
+    #: Whether the statistics are linear in the evidence (so that averaging them over ranks
+    #: equals the statistics of the global batch; see ``sync_statistics`` of the optimizer).
+    linear_statistics: ClassVar[bool] = True
+
     @property
     def evidence(self) -> EvidenceSpec:
         """The evidence this estimator needs (may depend on the config)."""

@@ -87,6 +87,7 @@ def TNT(
     model: nn.Module | None = None,
     nonfinite: str = "skip",
     seed: int | None = None,
+    sync_statistics: bool = False,
 ) -> CurvatureOptimizer:
     r"""Tensor Normal Training (Ren & Goldfarb, NeurIPS 2021).
 
@@ -114,4 +115,5 @@ def TNT(
         model=model,
         nonfinite=nonfinite,
         seed=seed,
+        sync_statistics=sync_statistics,
     )

@@ -94,6 +94,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             (:class:`FloatingPointError`).
         seed: seed of the optimizer's own generator for target sampling (default: drawn from
             torch's global generator at construction, so ``torch.manual_seed`` controls it).
+        sync_statistics: under :mod:`torch.distributed`, average the updated statistics over all
+            ranks after every statistics update (one all-reduce per update), so every rank holds
+            the statistics of the global batch and the replicas stay identical. Exact for
+            estimators whose statistics are linear in the evidence (EMAs of Grams or covariances:
+            TNT, Shampoo, KFAC); refused for the others.
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         model: nn.Module | None = None,
         nonfinite: str = "skip",
         seed: int | None = None,
+        sync_statistics: bool = False,
     ) -> None:
         for name, part, kind in (
             ("estimator", estimator, CurvatureEstimator),
@@ -144,6 +150,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.max_factor_dim = max_factor_dim
         self.model = model
         self.nonfinite = nonfinite
+        if not isinstance(sync_statistics, bool):
+            raise ValueError(f"sync_statistics must be a bool, got {sync_statistics!r}")
+        if sync_statistics and not estimator.linear_statistics:
+            raise ValueError(
+                f"sync_statistics=True averages statistics across ranks, which is exact only for "
+                f"estimators whose statistics are linear in the evidence; {estimator.name!r} is not"
+            )
+        self.sync_statistics = sync_statistics
         self._evidence = estimator.evidence
         if self._evidence.layer_io and model is None:
             raise ValueError(
@@ -341,6 +355,46 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 decay=decay,
             )
             self._ever_had_stats = True
+        if self.sync_statistics:
+            self._all_reduce_statistics(block_ids)
+
+    def _all_reduce_statistics(self, block_ids: Sequence[int]) -> None:
+        """Average every floating-point statistic of ``block_ids`` over the ranks (one
+        all-reduce per dtype and device)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "sync_statistics=True needs an initialised torch.distributed process group "
+                "(torch.distributed.init_process_group) before the first statistics update"
+            )
+        tensors: list[Tensor] = []
+
+        def collect(value: Any) -> None:
+            if isinstance(value, Tensor):
+                if value.is_floating_point():
+                    tensors.append(value)
+            elif isinstance(value, dict):
+                for v in value.values():
+                    collect(v)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    collect(v)
+
+        for bi in block_ids:
+            collect(self._state_of(self._blocks[bi])["estimator"])
+        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for t in tensors:
+            buckets.setdefault((t.dtype, t.device), []).append(t)
+        world = dist.get_world_size()
+        for group in buckets.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
     def update_curvature(
         self,
