@@ -270,3 +270,14 @@ def test_sync_statistics_in_a_single_process_group_is_the_identity():
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     finally:
         dist.destroy_process_group()
+
+
+def test_estimator_with_inverse_factors_requires_the_identity_inverter():
+    class InverseFactors(curvkit.TensorNormal):
+        factors_are_inverses = True
+
+    with pytest.raises(ValueError, match="inverter='identity'"):
+        curvkit.CurvatureOptimizer(mlp().parameters(), estimator=InverseFactors(), preconditioner=curvkit.KroneckerMode(),
+                                   inverter=curvkit.DampedEigen())
+    curvkit.CurvatureOptimizer(mlp().parameters(), estimator=InverseFactors(), preconditioner=curvkit.KroneckerMode(),
+                               inverter=curvkit.IdentityInverter())

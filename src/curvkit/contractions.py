@@ -86,7 +86,6 @@ def mode_grams(tensor: Tensor, modes: Sequence[int] | None = None) -> list[Tenso
     return [mode_gram(tensor, m) for m in modes]
 
 
-@lru_cache(maxsize=1024)
 def _product_equation(k: int, modes: tuple[int, ...]) -> str:
     src = _LETTERS[:k]
     out = list(src)

@@ -179,6 +179,11 @@ class CurvatureEstimator(Part):
     #: equals the statistics of the global batch; see ``sync_statistics`` of the optimizer).
     linear_statistics: ClassVar[bool] = True
 
+    #: Whether :meth:`factors` returns the preconditioning matrices themselves (inverse factors
+    #: maintained directly, as K-BFGS does); such an estimator must be composed with the
+    #: ``identity`` inverter, which the optimizer enforces.
+    factors_are_inverses: ClassVar[bool] = False
+
     @property
     def evidence(self) -> EvidenceSpec:
         """The evidence this estimator needs (may depend on the config)."""

@@ -29,6 +29,7 @@ from .config import check_choice, check_in_unit_interval, check_nonnegative, che
 from .estimators.tensor_normal import statistics_dtype
 from .fisher import LossSpec, sampled_loss
 from .hooks import LayerRecorder
+from .inverters.identity import IdentityInverter
 from .interfaces import BlockEvidence, CurvatureEstimator, Inverter, Preconditioner, Source
 from .safeguards import CurvkitWarning, InversionRequest, invert_all, new_health
 
@@ -158,6 +159,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"estimators whose statistics are linear in the evidence; {estimator.name!r} is not"
             )
         self.sync_statistics = sync_statistics
+        if estimator.factors_are_inverses and not isinstance(inverter, IdentityInverter):
+            raise ValueError(
+                f"estimator {estimator.name!r} maintains inverse factors directly, so inverting them "
+                f"again would be wrong: compose it with inverter='identity' (got {inverter.name!r})"
+            )
         self._evidence = estimator.evidence
         if self._evidence.layer_io and model is None:
             raise ValueError(
