@@ -133,7 +133,7 @@ class KBFGSEstimator(CurvatureEstimator):
     Linear layers; compose it with ``inverter="identity"`` and ``preconditioner="kronecker_mode"``."""
 
     Config = KBFGSConfig
-    #: BFGS updates are not linear in the evidence: averaging them over ranks is not exact.
+    #: BFGS updates are not linear in the evidence, so averaging them over ranks is not exact.
     linear_statistics = False
     #: H_g and H_a are already the inverse factors (compose with the identity inverter).
     factors_are_inverses = True
