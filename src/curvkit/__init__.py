@@ -6,8 +6,20 @@ plugin authors register new parts (:func:`register`) and ship them through the
 """
 
 from . import contractions, fisher, matrix_functions
-from .blocks import Block, BlockPlan, HomogeneousLayout, Layout, ReshapeLayout, default_block, view_shape_for
+from .blocks import (
+    FALLBACK_MOMENTUM,
+    Block,
+    BlockPlan,
+    HomogeneousLayout,
+    Layout,
+    ReshapeLayout,
+    default_block,
+    fallback_block,
+    layer_block,
+    view_shape_for,
+)
 from .estimators import TensorNormal
+from .estimators.tensor_normal import statistics_dtype
 from .hooks import LayerRecord, LayerRecorder
 from .interfaces import (
     BlockEvidence,
@@ -35,5 +47,5 @@ __all__ = [
     "IdentityInverter", "IdentityPreconditioner", "Inverter", "KroneckerMode", "LayerRecord",
     "LayerRecorder", "Layout", "Part", "PartConfig", "Preconditioner", "ReshapeLayout", "Source", "TNT",
     "TensorNormal", "UnknownPartError", "available", "build_part", "compose", "contractions",
-    "default_block", "fisher", "get", "matrix_functions", "register", "registry", "view_shape_for",
+    "default_block", "FALLBACK_MOMENTUM", "fallback_block", "layer_block", "statistics_dtype", "fisher", "get", "matrix_functions", "register", "registry", "view_shape_for",
 ]

@@ -40,9 +40,15 @@ __all__ = [
     "HomogeneousLayout",
     "Layout",
     "ReshapeLayout",
+    "FALLBACK_MOMENTUM",
     "default_block",
+    "fallback_block",
+    "layer_block",
     "view_shape_for",
 ]
+
+#: The ``kind`` of blocks that take the plain momentum direction (no curvature).
+FALLBACK_MOMENTUM = "fallback: momentum"
 
 
 def view_shape_for(shape: Sequence[int]) -> tuple[tuple[int, ...], str]:
@@ -188,6 +194,55 @@ def default_block(
         layout=ReshapeLayout(tuple(param.shape), shape),
         group=group,
         rule=rule,
+    )
+
+
+def fallback_block(
+    name: str, param: torch.nn.Parameter, group: int, *, reason: str, max_factor_dim: int | None = None
+) -> Block:
+    """A block with every mode unfactored, for parameters a method has no curvature model of.
+
+    The preconditioner leaves every mode as it is, so the block takes the plain momentum direction;
+    its ``kind`` is :data:`FALLBACK_MOMENTUM` and its ``rule`` says ``reason`` (shown in the plan).
+    """
+    block = default_block(name, param, group, max_factor_dim=max_factor_dim)
+    block.factored = tuple(False for _ in block.shape)
+    block.kind = FALLBACK_MOMENTUM
+    block.rule = f"{reason}: plain momentum"
+    return block
+
+
+def layer_block(
+    name: str,
+    module: torch.nn.Module,
+    *,
+    weight: torch.nn.Parameter,
+    bias: torch.nn.Parameter | None,
+    group: int,
+    max_factor_dim: int | None,
+    rule: str,
+) -> Block:
+    """One ``(out, in_flat [+ 1])`` block for a layer's weight and optional bias.
+
+    The weight ``(out, ...)`` is flattened to ``(out, in_flat)`` and the bias, when given, is the
+    homogeneous last column (:class:`HomogeneousLayout`), as KFAC and K-BFGS model a layer.
+    Modes larger than ``max_factor_dim`` are unfactored (and the rule says so).
+    """
+    has_bias = bias is not None
+    shape = (int(weight.shape[0]), math.prod(weight.shape[1:]) + int(has_bias))
+    factored = tuple(max_factor_dim is None or d <= max_factor_dim for d in shape)
+    if not all(factored):
+        rule += f", modes > max_factor_dim={max_factor_dim} unfactored"
+    return Block(
+        name=name,
+        params=(weight, bias) if has_bias else (weight,),
+        shape=shape,
+        factored=factored,
+        layout=HomogeneousLayout(tuple(weight.shape), has_bias),
+        group=group,
+        rule=rule,
+        kind="kronecker",
+        module=module,
     )
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import enum
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Sequence
 
 import torch

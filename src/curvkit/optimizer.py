@@ -16,7 +16,6 @@ Per block (one parameter tensor by default), with step index :math:`t` counting 
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Sequence

@@ -22,7 +22,7 @@ import inspect
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 __all__ = [
     "ENTRY_POINT_GROUP",

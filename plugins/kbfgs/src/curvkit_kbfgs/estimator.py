@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from curvkit import (
     Block, BlockEvidence, CurvatureEstimator, EvidenceSpec, Factor, LayerRecorder, PartConfig, Source, register,
+    statistics_dtype,
 )
 from curvkit.config import check_choice, check_in_unit_interval, check_nonnegative, check_positive_int
 
@@ -110,10 +111,6 @@ class KBFGSConfig(PartConfig):
         check_choice("unsupported", self.unsupported, ("fallback", "error"))
 
 
-def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def damped_inverse(a: Tensor, shift: float) -> Tensor:
     r""":math:`(A + \text{shift}\, I)^{-1}` by a float64 Cholesky factorisation, symmetrised, in
     ``a``'s dtype (not finite when ``a`` is not)."""
@@ -158,7 +155,7 @@ class KBFGSEstimator(CurvatureEstimator):
         if block.kind == FALLBACK_KIND:
             return {}
         ref = block.params[0]
-        dtype, device = _statistics_dtype(ref.dtype), ref.device
+        dtype, device = statistics_dtype(ref.dtype), ref.device
         (d_out, d_in), (f_out, f_in) = block.shape, block.factored
         dense = self.config.memory is None
         zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
@@ -255,7 +252,7 @@ class KBFGSEstimator(CurvatureEstimator):
         for b, st in zip(blocks, states):
             if b.kind == FALLBACK_KIND or st.get("damping") is None:
                 continue
-            before = layer_means(recorder, b, _statistics_dtype(b.params[0].dtype), inputs=st["Ha"] is not None)
+            before = layer_means(recorder, b, statistics_dtype(b.params[0].dtype), inputs=st["Ha"] is not None)
             if before is not None:
                 work.append((b, st, before))
         if work:

@@ -23,12 +23,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from curvkit import Block, HomogeneousLayout, LayerRecorder, default_block
+from curvkit import FALLBACK_MOMENTUM, Block, HomogeneousLayout, LayerRecorder, fallback_block, layer_block
 
 __all__ = ["FALLBACK_KIND", "LayerMeans", "layer_means", "layer_inputs", "plan_blocks"]
 
 #: ``Block.kind`` of the parameters that take the plain momentum direction.
-FALLBACK_KIND = "fallback: momentum"
+FALLBACK_KIND = FALLBACK_MOMENTUM
 
 
 def plan_blocks(
@@ -54,7 +54,7 @@ def plan_blocks(
     for mname, module in model.named_modules():
         own = list(module.parameters(recurse=False))
         if isinstance(module, nn.Linear):
-            weight, bias = module.weight, module.bias
+            weight = module.weight
             if id(weight) not in entry:
                 reason = "bias of a Linear layer whose weight is not optimised"
             elif owners[id(weight)] > 1 or id(weight) in layer_of:
@@ -85,22 +85,10 @@ def _linear_block(mname: str, module: nn.Linear, entry: dict, max_factor_dim: in
     weight, bias = module.weight, module.bias
     wname, group = entry[id(weight)]
     has_bias = bias is not None and id(bias) in entry and entry[id(bias)][1] == group
-    out, fan_in = weight.shape
-    shape = (int(out), int(fan_in) + int(has_bias))
-    factored = tuple(max_factor_dim is None or d <= max_factor_dim for d in shape)
-    rule = f"Linear: H_g (out) x H_a (in{' + 1 homogeneous bias' if has_bias else ''})"
-    if not all(factored):
-        rule += f", modes > max_factor_dim={max_factor_dim} unfactored"
-    return Block(
-        name=mname or wname.rsplit(".", 1)[0],
-        params=(weight, bias) if has_bias else (weight,),
-        shape=shape,
-        factored=factored,
-        layout=HomogeneousLayout(tuple(weight.shape), has_bias),
-        group=group,
-        rule=rule,
-        kind="kronecker",
-        module=module,
+    return layer_block(
+        mname or wname.rsplit(".", 1)[0], module, weight=weight, bias=bias if has_bias else None,
+        group=group, max_factor_dim=max_factor_dim,
+        rule=f"Linear: H_g (out) x H_a (in{' + 1 homogeneous bias' if has_bias else ''})",
     )
 
 
@@ -113,11 +101,7 @@ def _fallback_block(
             f"({reason}); pass unsupported='fallback' to give it the plain momentum direction, or leave "
             f"it out of the optimizer's params"
         )
-    block = default_block(name, param, group, max_factor_dim=max_factor_dim)
-    block.factored = tuple(False for _ in block.shape)
-    block.kind = FALLBACK_KIND
-    block.rule = f"{reason}: plain momentum"
-    return block
+    return fallback_block(name, param, group, reason=reason, max_factor_dim=max_factor_dim)
 
 
 def _rows(tensors: Sequence[Tensor | None]) -> Tensor | None:

@@ -43,16 +43,18 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import (
+    FALLBACK_MOMENTUM,
     Block,
     BlockEvidence,
     CurvatureEstimator,
     EvidenceSpec,
     Factor,
-    HomogeneousLayout,
     PartConfig,
     Source,
-    default_block,
+    fallback_block,
+    layer_block,
     register,
+    statistics_dtype,
 )
 from curvkit.config import check_choice, check_in_unit_interval, check_positive
 
@@ -61,7 +63,7 @@ from .layers import layer_rows, unsupported_reason
 __all__ = ["FALLBACK_KIND", "KFACConfig", "KFACEstimator"]
 
 #: ``Block.kind`` of the parameters that take the plain momentum direction.
-FALLBACK_KIND = "fallback: momentum"
+FALLBACK_KIND = FALLBACK_MOMENTUM
 
 
 @dataclass(frozen=True)
@@ -96,19 +98,6 @@ class KFACConfig(PartConfig):
         check_choice("fallback", self.fallback, ("momentum", "error"))
         if self.gradient_scale is not None:
             check_positive("gradient_scale", self.gradient_scale)
-
-
-def _fallback_block(name: str, param: nn.Parameter, group: int, reason: str, max_factor_dim: int | None) -> Block:
-    """A block with every mode unfactored: the preconditioner leaves the momentum as it is."""
-    block = default_block(name, param, group, max_factor_dim=max_factor_dim)
-    block.factored = tuple(False for _ in block.shape)
-    block.kind = FALLBACK_KIND
-    block.rule = f"{reason}: plain momentum"
-    return block
-
-
-def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @register("estimator", "kfac")
@@ -169,7 +158,7 @@ class KFACEstimator(CurvatureEstimator):
             block = layer_block.get(id(p))
             if block is None:
                 reason = reasons.get(id(p), "not a parameter of the model")
-                blocks.append(_fallback_block(name, p, gi, reason, max_factor_dim))
+                blocks.append(fallback_block(name, p, gi, reason=reason, max_factor_dim=max_factor_dim))
             elif id(block) not in emitted:
                 emitted.add(id(block))
                 blocks.append(block)
@@ -179,23 +168,11 @@ class KFACEstimator(CurvatureEstimator):
         weight, bias = module.weight, module.bias
         wname, _, group = entry[id(weight)]
         has_bias = bias is not None and id(bias) in entry and entry[id(bias)][2] == group
-        out, in_flat = weight.shape[0], math.prod(weight.shape[1:])
-        shape = (out, in_flat + int(has_bias))
-        factored = tuple(max_factor_dim is None or d <= max_factor_dim for d in shape)
         kind = "Conv2d, KFC patches" if isinstance(module, nn.Conv2d) else "Linear"
-        rule = f"{kind}: G (out) x A (in{' + 1 homogeneous bias' if has_bias else ''})"
-        if not all(factored):
-            rule += f", modes > max_factor_dim={max_factor_dim} unfactored"
-        return Block(
-            name=mname or wname.rsplit(".", 1)[0],
-            params=(weight, bias) if has_bias else (weight,),
-            shape=shape,
-            factored=factored,
-            layout=HomogeneousLayout(tuple(weight.shape), has_bias),
-            group=group,
-            rule=rule,
-            kind="kronecker",
-            module=module,
+        return layer_block(
+            mname or wname.rsplit(".", 1)[0], module, weight=weight, bias=bias if has_bias else None,
+            group=group, max_factor_dim=max_factor_dim,
+            rule=f"{kind}: G (out) x A (in{' + 1 homogeneous bias' if has_bias else ''})",
         )
 
     # ------------------------------------------------------------------ statistics
@@ -205,7 +182,7 @@ class KFACEstimator(CurvatureEstimator):
         if block.module is None:
             return {"updates": 0}
         ref = block.params[0]
-        dtype = _statistics_dtype(ref.dtype)
+        dtype = statistics_dtype(ref.dtype)
         (d_out, d_in), (f_out, f_in) = block.shape, block.factored
         return {
             "A": torch.zeros(d_in, d_in, dtype=dtype, device=ref.device) if f_in else None,
