@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import curvkit
+from curvkit._tree import tensors_in
 
 # small, stable settings per method for tiny test models (name -> preset kwargs)
 SETTINGS = {
@@ -63,17 +64,4 @@ def train_step(model: nn.Module, opt: curvkit.CurvatureOptimizer, x: torch.Tenso
 
 
 def state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, dict):
-            for w in v.values():
-                walk(w)
-        elif isinstance(v, (list, tuple)):
-            for w in v:
-                walk(w)
-
-    walk(opt.state_dict()["curvkit"]["blocks"])
-    return out
+    return tensors_in(opt.state_dict()["curvkit"]["blocks"])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import curvkit
+from curvkit._tree import tensors_in
 from tests.methods_under_test import build, method_names, state_tensors, tiny_model, train_step
 
 METHODS = method_names()
@@ -92,21 +93,7 @@ def test_corrupted_statistics_keep_last_good_inverse(name):
 
 
 def state_tensors_of_block(opt, block):
-    est = opt.block_state(block)["estimator"]
-    out = []
-
-    def walk(v):
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            out.append(v)
-        elif isinstance(v, dict):
-            for w in v.values():
-                walk(w)
-        elif isinstance(v, (list, tuple)):
-            for w in v:
-                walk(w)
-
-    walk(est)
-    return out
+    return [t for t in tensors_in(opt.block_state(block)["estimator"]) if t.is_floating_point()]
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -27,6 +27,7 @@ from .blocks import Block, BlockPlan
 from .config import check_choice, check_in_unit_interval, check_nonnegative, check_positive, check_positive_int
 from .estimators.tensor_normal import statistics_dtype
 from .fisher import LossSpec, sampled_loss
+from ._tree import map_tensors, tensors_in
 from .hooks import LayerRecorder
 from .inverters.identity import IdentityInverter
 from .interfaces import BlockEvidence, CurvatureEstimator, Inverter, Preconditioner, Source
@@ -373,21 +374,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "sync_statistics=True needs an initialised torch.distributed process group "
                 "(torch.distributed.init_process_group) before the first statistics update"
             )
-        tensors: list[Tensor] = []
-
-        def collect(value: Any) -> None:
-            if isinstance(value, Tensor):
-                if value.is_floating_point():
-                    tensors.append(value)
-            elif isinstance(value, dict):
-                for v in value.values():
-                    collect(v)
-            elif isinstance(value, (list, tuple)):
-                for v in value:
-                    collect(v)
-
-        for bi in block_ids:
-            collect(self._state_of(self._blocks[bi])["estimator"])
+        tensors = [
+            t for bi in block_ids for t in tensors_in(self._state_of(self._blocks[bi])["estimator"])
+            if t.is_floating_point()
+        ]
         buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         for t in tensors:
             buckets.setdefault((t.dtype, t.device), []).append(t)
@@ -758,12 +748,4 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
 def _copy_to(value: Any, device: torch.device) -> Any:
     """Deep copy of a state value, tensors cloned onto ``device`` with their dtype kept."""
-    if isinstance(value, Tensor):
-        return value.detach().to(device=device, copy=True)
-    if isinstance(value, dict):
-        return {k: _copy_to(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_to(v, device) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_copy_to(v, device) for v in value)
-    return value
+    return map_tensors(lambda t: t.detach().to(device=device, copy=True), value)
