@@ -265,6 +265,15 @@ class IgnoresDecay(curvkit.TensorNormal):
         super().update(block, state, evidence, decay=None)
 
 
+class RepeatedFactors(curvkit.TensorNormal):
+    """Hands over every factor twice (only tiled layouts with ``factor_sizes`` may give more than
+    one factor per mode)."""
+
+    def factors(self, block, state, *, damping):
+        out = super().factors(block, state, damping=damping)
+        return out if out is None else out + out
+
+
 @pytest.mark.filterwarnings("ignore::curvkit.CurvkitWarning")
 @pytest.mark.parametrize(
     "estimator, message",
@@ -279,6 +288,12 @@ class IgnoresDecay(curvkit.TensorNormal):
 def test_check_estimator_catches_broken_estimators(estimator, message):
     with pytest.raises(AssertionError, match=message):
         check_estimator(estimator)
+
+
+def test_check_estimator_catches_more_factors_than_modes():
+    # the identity preconditioner ignores the inverses, so training runs and the factor check decides
+    with pytest.raises(ConformanceError, match=r"got 6 factors, expected one per mode \(3\)"):
+        check_estimator(RepeatedFactors(), preconditioner="identity")
 
 
 def test_check_estimator_names_the_part_in_its_message():

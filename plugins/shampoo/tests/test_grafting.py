@@ -1,13 +1,15 @@
 """Grafting: the step takes its norm from the Adam / AdaGrad / SGD direction, its direction from
 the Kronecker product; before start_step the graft direction alone is used."""
 
+import copy
+
 import pytest
 import torch
 from shampoo_reference import dense_direction
 
 import curvkit
-from curvkit.testing import check_preconditioner, make_block
-from curvkit_shampoo import GraftedKronecker, Shampoo
+from curvkit.testing import check_preconditioner, make_block, roundtrip
+from curvkit_shampoo import GraftedKronecker, Shampoo, tiled_block
 
 
 def spd(d):
@@ -107,6 +109,42 @@ def test_optimizer_step_norm_is_the_sgd_step_norm_per_block(block_size):
             assert torch.allclose(step.norm(), g.norm(), rtol=1e-10)
             if p.dim() == 2:  # (a bias's first step is parallel to g: g is its Gram's eigenvector)
                 assert not torch.allclose(step, g, rtol=1e-3)  # preconditioned, not plain SGD
+
+
+@pytest.mark.parametrize("kind", ["adam", "adagrad", "sgd"])
+def test_grafting_a_tiled_block_scales_the_per_tile_direction_to_the_graft_norm(kind):
+    """A (7, 10) weight in 2 x 3 tiles of 4 x 4 (ragged): the direction is the per-tile Kronecker
+    direction, built here tile by tile from the unpadded tiles, scaled to the norm of the whole
+    parameter's graft direction; the padding stays zero; the state survives torch.save."""
+    block = tiled_block("w", torch.nn.Parameter(torch.zeros(7, 10, dtype=torch.float64)), 0, block_size=4,
+                        max_factor_dim=None)
+    layout = block.layout
+    pre = GraftedKronecker(graft=kind)
+    state = pre.init_state(block)
+    inverses = [spd(r) for _ in range(layout.num_tiles) for r in layout.tile_shape]
+    grads, bufs = [], []
+    for t in range(1, 4):
+        g = torch.randn(7, 10, dtype=torch.float64)
+        grads.append(g)
+        bufs.append(g if not bufs else 0.9 * bufs[-1] + g)
+        m, gv = layout.to_view([bufs[-1]]), layout.to_view([g])
+        saved = (m.clone(), gv.clone(), [v.clone() for v in inverses])
+        out = pre.apply(block, state, m, inverses, gradient=gv)
+        assert torch.equal(m, saved[0]) and torch.equal(gv, saved[1])
+        assert all(torch.equal(v, w) for v, w in zip(inverses, saved[2]))
+        assert out[7:].abs().sum() == 0 and out[:, 10:].abs().sum() == 0
+        (real,) = layout.from_view(out)
+        kron = torch.zeros(7, 10, dtype=torch.float64)
+        for i, s in enumerate(layout.tile_slices()):
+            d = [x.stop - x.start for x in s]
+            kron[s] = dense_direction(bufs[-1][s], [v[:n, :n] for v, n in zip(inverses[2 * i : 2 * i + 2], d)])
+        graft = reference_graft(kind, grads, bufs, t)
+        assert torch.allclose(real.norm(), graft.norm(), rtol=1e-12)
+        assert torch.allclose(real, real.norm() / kron.norm() * kron, rtol=1e-10, atol=1e-14)
+    m, gv = layout.to_view([torch.randn(7, 10, dtype=torch.float64)]), layout.to_view([torch.randn(7, 10)])
+    a = pre.apply(block, copy.deepcopy(state), m, inverses, gradient=gv.double())
+    b = pre.apply(block, roundtrip(state), m, inverses, gradient=gv.double())
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("options", [{"graft": "adam"}, {"graft": "adagrad", "start_step": 2},

@@ -26,10 +26,17 @@ def test_warm_start_sets_the_exact_mean_of_the_minibatch_grams(accumulate):
     assert state["updates"] == 3
 
 
-def test_state_of_another_plan_is_rejected():
-    a = Shampoo([torch.nn.Parameter(torch.randn(8, 6))], block_size=4)
-    b = Shampoo([torch.nn.Parameter(torch.randn(8, 6))])
-    a.param_groups[0]["params"][0].grad = torch.randn(8, 6)
-    a.step()
-    with pytest.raises(ValueError, match="block layout"):
+@pytest.mark.parametrize("shape, message", [((7, 6), "block layout"), ((8, 6), "does not fit 1 tile")])
+def test_state_of_another_plan_is_rejected(shape, message):
+    """(7, 6) tiled by 4 has the padded view (8, 6); (8, 6) tiled by 4 keeps its view, and the
+    per-tile statistics (4, 4, 4) are refused by the untiled block (1, 8, 8) and vice versa."""
+    a = Shampoo([torch.nn.Parameter(torch.randn(shape))], block_size=4, graft="sgd")
+    b = Shampoo([torch.nn.Parameter(torch.randn(shape))], graft="sgd")
+    for opt in (a, b):
+        opt.param_groups[0]["params"][0].grad = torch.randn(shape)
+        opt.step()
+    with pytest.raises(ValueError, match=message):
         b.load_state_dict(a.state_dict())
+    if shape == (8, 6):
+        with pytest.raises(ValueError, match="does not fit 4 tile"):
+            a.load_state_dict(b.state_dict())

@@ -45,10 +45,18 @@ def _check_factors(who: str, opt: CurvatureOptimizer, what: str, rtol: float, *,
             if require and b.kind == "kronecker" and any(b.factored):
                 fail(who, f"block {b.name!r} has no factors after {what}")
             continue
-        if len(factors) != b.order:
-            fail(who, f"block {b.name!r} (view {b.shape}) got {len(factors)} factors, expected one per mode "
-                      f"({b.order}) ({what})")
-        for mode, (d, factored, f) in enumerate(zip(b.shape, b.factored, factors)):
+        # One factor per mode of the view; except that a layout which splits the view into tiles
+        # with statistics of their own (curvkit_shampoo's TiledLayout) declares ``factor_sizes``:
+        # one size per (tile, mode), tile-major, so entry j is for mode j % order. Layouts without
+        # that attribute are held to exactly one factor per mode, of the mode's size.
+        sizes = tuple(getattr(b.layout, "factor_sizes", b.shape))
+        tiled = hasattr(b.layout, "factor_sizes")
+        if len(factors) != len(sizes) or len(sizes) % b.order:
+            fail(who, f"block {b.name!r} (view {b.shape}) got {len(factors)} factors, expected one per "
+                      f"{'(tile, mode)' if tiled else 'mode'} ({len(sizes)}) ({what})")
+        for j, (d, f) in enumerate(zip(sizes, factors)):
+            factored = b.factored[j % b.order]
+            mode = f"{j % b.order}" + (f" of tile {j // b.order}" if tiled else "")
             if f is None:
                 continue
             if not factored:
@@ -62,9 +70,9 @@ def _check_factors(who: str, opt: CurvatureOptimizer, what: str, rtol: float, *,
             damp = torch.as_tensor(f.damping)
             if not bool(torch.isfinite(damp).all()) or bool((damp < 0).any()):
                 fail(who, f"block {b.name!r} mode {mode}: damping {f.damping!r} is not finite and >= 0 ({what})")
-        for mode, inv in enumerate(state["inverses"] or []):
+        for j, inv in enumerate(state["inverses"] or []):
             if inv is not None:
-                assert_finite(who, f"inverse of block {b.name!r} mode {mode} ({what})", inv)
+                assert_finite(who, f"inverse {j} of block {b.name!r} ({what})", inv)
 
 
 def _check_healthy(who: str, opt: CurvatureOptimizer, model: nn.Module, what: str) -> None:
@@ -203,7 +211,9 @@ def check_estimator(
 
     1. after ``steps`` steps every parameter is finite, no numerical fallback was needed, and
        every factored ``"kronecker"`` block has factors: one per mode, ``None`` on unfactored
-       modes, each a symmetric PSD ``d_i x d_i`` matrix with finite damping ``>= 0``;
+       modes, each a symmetric PSD ``d_i x d_i`` matrix with finite damping ``>= 0`` (a block
+       whose layout declares ``factor_sizes``, a tiled view with statistics per tile, gets one
+       factor per entry of it instead, tile-major);
     2. the same holds with *zero* evidence (the model output multiplied by 0, so every gradient is
        exactly zero) and with *rank-deficient* evidence (batches of one example);
     3. exact resume: ``state_dict`` -> ``torch.save`` -> ``torch.load(weights_only=True)`` ->

@@ -7,11 +7,12 @@ first registry lookup) registers:
 kind                name                   what
 ==================  =====================  ==========================================================
 estimator           ``shampoo``            mode Gram matrices of the minibatch gradient, EMA or sum,
-                                           optional splitting of large modes (``block_size``)
+                                           optional tiling of large parameters (``block_size``)
 inverter            ``coupled_newton``     :math:`(A + \epsilon I)^{-1/p}` by the coupled Newton
                                            iteration, :math:`p` fixed or :math:`2k`
-preconditioner      ``grafted_kronecker``  Kronecker mode products with the norm of an Adam,
-                                           AdaGrad or SGD direction, and a start step
+preconditioner      ``grafted_kronecker``  Kronecker mode products (per tile for tiled blocks) with
+                                           the norm of an Adam, AdaGrad or SGD direction, and a
+                                           start step
 method              ``Shampoo``            the preset (:func:`Shampoo`)
 ==================  =====================  ==========================================================
 
@@ -19,7 +20,7 @@ Everything else (views, Kronecker mode products, ``damped_eigen`` roots, the opt
 curvkit's own.
 """
 
-from .blocking import ChunkedLayout, chunk_sizes, chunked_block
+from .blocking import TiledLayout, kronecker_direction, tile_grams, tile_products, tile_sizes, tiled_block
 from .coupled_newton import CoupledNewton, CoupledNewtonConfig, lambda_max
 from .estimator import ShampooStatistics, ShampooStatisticsConfig
 from .grafting import GraftedKronecker, GraftedKroneckerConfig
@@ -28,7 +29,6 @@ from .preset import Shampoo
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChunkedLayout",
     "CoupledNewton",
     "CoupledNewtonConfig",
     "GraftedKronecker",
@@ -36,7 +36,11 @@ __all__ = [
     "Shampoo",
     "ShampooStatistics",
     "ShampooStatisticsConfig",
-    "chunk_sizes",
-    "chunked_block",
+    "TiledLayout",
+    "kronecker_direction",
     "lambda_max",
+    "tile_grams",
+    "tile_products",
+    "tile_sizes",
+    "tiled_block",
 ]

@@ -3,7 +3,9 @@ a first-order method, and a start step before which the first-order direction al
 
 Per block, with :math:`M` the momentum buffer (the direction the optimizer hands over), :math:`g`
 the minibatch gradient and :math:`P = M \times_1 V_1 \cdots \times_k V_k` the direction of
-curvkit's ``kronecker_mode``, the graft direction :math:`D` is
+curvkit's ``kronecker_mode`` (for a block tiled by ``block_size``, :math:`P` is formed per tile,
+:math:`P_t = M_t \times_1 V_{t,1} \cdots \times_k V_{t,k}`, from the per-(tile, mode) inverses:
+see :func:`curvkit_shampoo.blocking.kronecker_direction`), the graft direction :math:`D` is
 
 * ``graft="sgd"``: :math:`D = M`;
 * ``graft="adam"``: :math:`D = M / (\sqrt{v / (1 - \beta_2^t)} + \delta)` with
@@ -18,8 +20,11 @@ and the direction is (Agarwal et al., "Disentangling adaptive gradient methods",
           \tilde P = D \quad (t < \text{start\_step} \text{ or no inverses yet}),
 
 with :math:`\tilde P = 0` when :math:`P = 0`. :math:`t` counts this block's ``apply`` calls
-(one per optimizer step), kept in the block's state. Norms are taken over the entries that reach
-the parameter (the zero padding of :mod:`curvkit_shampoo.blocking` is excluded).
+(one per optimizer step), kept in the block's state. The norms are those of the whole block (a
+tiled parameter is grafted as one: its tiles keep their relative Shampoo scales), taken over the
+entries that reach the parameter (the zero padding of :mod:`curvkit_shampoo.blocking` is
+excluded). With ``graft="none"`` and ``start_step=0`` this is the plain Shampoo direction, also
+for tiled blocks.
 """
 
 from __future__ import annotations
@@ -33,9 +38,7 @@ from torch import Tensor
 import curvkit
 from curvkit import Block, PartConfig, Preconditioner
 from curvkit.config import check_choice, check_in_unit_interval, check_positive
-from curvkit.contractions import mode_products
-
-from .blocking import ChunkedLayout
+from .blocking import kronecker_direction
 
 __all__ = ["GraftedKronecker", "GraftedKroneckerConfig"]
 
@@ -67,7 +70,8 @@ class GraftedKroneckerConfig(PartConfig):
 
 @curvkit.register("preconditioner", "grafted_kronecker")
 class GraftedKronecker(Preconditioner):
-    """Kronecker mode products with a grafted norm (see the module docstring)."""
+    """Kronecker mode products, per tile for tiled blocks, with a grafted norm (see the module
+    docstring)."""
 
     Config = GraftedKroneckerConfig
 
@@ -107,9 +111,7 @@ class GraftedKronecker(Preconditioner):
         graft = self.graft_direction(state, direction, gradient)
         if inverses is None or state["step"] <= self.config.start_step:
             return graft
-        p = mode_products(direction, [None if v is None else v.to(direction.dtype) for v in inverses])
-        if isinstance(block.layout, ChunkedLayout):
-            p = block.layout.clean(p)
+        p = kronecker_direction(block, direction, inverses)
         if self.config.graft == "none":
             return p
         p_norm = torch.linalg.vector_norm(p)

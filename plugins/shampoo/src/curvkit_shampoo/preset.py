@@ -69,9 +69,12 @@ def Shampoo(
             that first-order direction (see :class:`curvkit_shampoo.GraftedKronecker`).
         start_step: steps that use the graft direction alone before Shampoo's starts.
         beta2, graft_epsilon: the Adam / AdaGrad graft's :math:`\beta_2` and :math:`\delta`.
-        block_size: split modes larger than this into chunks (see
-            :mod:`curvkit_shampoo.blocking`); ``None`` keeps whole modes.
-        max_factor_dim: modes larger than this get no factor (identity).
+        block_size: tile parameters whose view has a mode larger than this into tiles of at most
+            ``block_size`` per mode, each with its own statistics and roots of the view's order
+            (see :mod:`curvkit_shampoo.blocking`); ``None`` keeps whole parameters. Tiled
+            blocks use the ``grafted_kronecker`` preconditioner (with ``graft="none"``: the plain
+            direction, per tile).
+        max_factor_dim: modes (of a tile, when tiled) larger than this get no factor (identity).
         tolerance, max_iterations: stopping rule of the coupled Newton iteration.
         model: the model (only used to name the blocks).
         nonfinite, seed: as :class:`curvkit.CurvatureOptimizer`.
@@ -85,7 +88,7 @@ def Shampoo(
         }
     else:
         inverter, inverter_options = "damped_eigen", {"power": "1/2k", "relative_damping": relative_damping}
-    if graft == "none" and start_step == 0:
+    if graft == "none" and start_step == 0 and block_size is None:
         preconditioner, preconditioner_options = "kronecker_mode", {}
     else:
         preconditioner = "grafted_kronecker"
