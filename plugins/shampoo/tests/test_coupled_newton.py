@@ -47,7 +47,8 @@ def test_float32_inputs_iterate_in_float64_by_default():
     a = spd_batch(3, 6, condition=1e3)
     damping = torch.full((3,), 1e-2, dtype=torch.float64)
     order = torch.full((3,), 2)
-    ref = curvkit.DampedEigen(power="1/2k").invert(a, damping=damping, order=order)
+    # the reference sees the same float32-rounded inputs, so only the iteration's error is measured
+    ref = curvkit.DampedEigen(power="1/2k").invert(a.float().double(), damping=damping.float().double(), order=order)
     out = CoupledNewton().invert(a.float(), damping=damping.float(), order=order)
     assert out.dtype == torch.float32 and rel_err(out.double(), ref) < 1e-6
     low = CoupledNewton(float64=False).invert(a.float(), damping=damping.float(), order=order)
