@@ -101,7 +101,7 @@ class TiledLayout(Layout):
 
     @property
     def split_shape(self) -> tuple[int, ...]:
-        """The view with every mode split: :math:`(n_1, r_1, \\ldots, n_k, r_k)`."""
+        """The view with every mode split, :math:`(n_1, r_1, \\ldots, n_k, r_k)`."""
         return tuple(x for n, r in zip(self.grid, self.tile_shape) for x in (n, r))
 
     @property
@@ -111,12 +111,13 @@ class TiledLayout(Layout):
 
     @property
     def padded(self) -> bool:
+        """Whether some mode is zero-padded (its last tile is ragged)."""
         return self.view_shape != self.base_shape
 
     @property
     def factor_sizes(self) -> tuple[int, ...]:
-        """The size of each factor the estimator hands over: one per (tile, mode), tile-major
-        (read by :func:`curvkit.testing.check_estimator`)."""
+        """The size of each factor the estimator hands over, one per (tile, mode) in tile-major
+        order (read by :func:`curvkit.testing.check_estimator`)."""
         return self.tile_shape * self.num_tiles
 
     def tile_slices(self) -> list[tuple[slice, ...]]:
