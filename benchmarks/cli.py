@@ -1,0 +1,226 @@
+"""Command line of the benchmark harness: ``python -m benchmarks [options]``.
+
+Examples::
+
+    python -m benchmarks                                   # digits-ae, every installed method
+    python -m benchmarks --problem digits-cnn --epochs 30 --seeds 3
+    python -m benchmarks --problem curves-ae --seconds 60 --methods SGD-m,Adam,TNT
+    python -m benchmarks --problem mnist-ae --data-dir ~/data/mnist --seconds 500
+    python -m benchmarks --set TNT.lr=3e-4 --set TNT.damping=0.03   # override a setting
+    python -m benchmarks --list                            # problems, methods and settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .methods import PREFERRED_ORDER, discover_methods
+from .plots import plot_curves
+from .problems import PROBLEMS, DataOptions, get_problem
+from .report import environment, format_table, summarize, write_json
+from .runner import Budget, RunResult, run_one, warm_up
+from .settings import PROBLEM_DEFAULTS, settings_for
+
+__all__ = ["build_parser", "main", "parse_overrides"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Compare SGD-m, Adam, TNT and every installed curvkit method on the paper's problems "
+        "at laptop scale. Prints a table; writes plots and a JSON file of every curve to --out.",
+    )
+    p.add_argument("--problem", default="digits-ae", choices=list(PROBLEMS), help="problem (default: %(default)s)")
+    p.add_argument("--methods", default="all",
+                   help="comma-separated methods, or 'all' for every installed one (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget (default: the problem's, see --list)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="training-time budget per run in seconds (evaluation excluded); with --epochs, "
+                   "whichever comes first")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: the problem's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override one setting, e.g. --set TNT.lr=3e-4 (repeatable)")
+    p.add_argument("--data-dir", default=None, help="directory of the MNIST IDX files (mnist-ae)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="training-set size (curves-ae: curves generated, default 2000; mnist-ae: first N images)")
+    p.add_argument("--n-test", type=int, default=None, help="test-set size (curves-ae default 500)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the problem's; 1 for the small problems, whose ops are too "
+                   "small to gain from threads and whose timings threads make noisy on a busy machine)")
+    p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/<problem>/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--list", action="store_true", help="list problems, installed methods and settings, then exit")
+    return p
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["TNT.lr=3e-4"]`` -> ``{"TNT": {"lr": 0.0003}}`` (values parsed as Python literals)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, option = key.rpartition(".")
+        if not sep or not dot or not method or not option:
+            raise ValueError(f"--set expects METHOD.KEY=VALUE (for example TNT.lr=3e-4), got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.setdefault(method, {})[option] = value
+    return out
+
+
+def _select(requested: str, available: Sequence[str]) -> tuple[list[str], list[str]]:
+    if requested.strip().lower() == "all":
+        return list(available), []
+    names = [n.strip() for n in requested.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--methods is empty; give names separated by commas, or 'all'")
+    lookup = {n.lower(): n for n in available}
+    chosen, missing = [], []
+    for n in names:
+        if n.lower() in lookup:
+            chosen.append(lookup[n.lower()])
+        elif n in PREFERRED_ORDER:
+            missing.append(n)
+        else:
+            raise ValueError(f"unknown method {n!r}; installed: {', '.join(available)}")
+    return chosen, missing
+
+
+def _list(methods: dict[str, Any]) -> None:
+    for name, prob in PROBLEMS.items():
+        d = PROBLEM_DEFAULTS[name]
+        print(f"{name}: {prob.title}\n  batch {d.batch_size}, {d.epochs} epochs by default. {d.reason}")
+        for m in methods:
+            s = settings_for(name, m)
+            print(f"    {m:14s} {s.kwargs}  -- {s.reason}")
+    print("methods installed: " + ", ".join(f"{n} ({s.origin})" for n, s in methods.items()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison; returns the exit status (0 ok, 1 a run raised, 130 Ctrl-C)."""
+    args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _main(args, list(sys.argv if argv is None else ["python -m benchmarks", *argv]))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted before any run finished", file=sys.stderr)
+        return 130
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
+
+
+def _main(args: argparse.Namespace, command: list[str]) -> int:
+    methods, notes = discover_methods()
+    if args.list:
+        _list(methods)
+        return 0
+    problem = get_problem(args.problem)
+    defaults = PROBLEM_DEFAULTS[problem.name]
+    budget = Budget(epochs=args.epochs if (args.epochs is not None or args.seconds is not None) else defaults.epochs,
+                    seconds=args.seconds)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    batch_size = args.batch_size or defaults.batch_size
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    threads = args.threads if args.threads is not None else defaults.threads
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    overrides = parse_overrides(args.overrides)
+    chosen, missing = _select(args.methods, list(methods))
+    unknown = sorted(set(overrides) - set(chosen))
+    if unknown:
+        raise ValueError(f"--set names methods that are not being run: {', '.join(unknown)}")
+    split = problem.load(DataOptions(args.data_dir, args.n_train, args.n_test))
+    out_dir = Path(args.out) if args.out else Path("benchmarks") / "results" / problem.name
+
+    absent = [n for n in PREFERRED_ORDER if n not in methods]
+    print(f"problem   {problem.name}: {problem.title}")
+    print(f"data      {split.n_train} train / {split.n_test} test examples"
+          + ("  [GENERATED data, not the original set]" if problem.generated else ""))
+    budget_text = " or ".join(filter(None, [budget.epochs and f"{budget.epochs} epochs",
+                                            budget.seconds and f"{budget.seconds:g} s of training"]))
+    print(f"budget    {budget_text}, batch {batch_size}, seeds {args.seed}..{args.seed + args.seeds - 1}, "
+          f"{torch.get_num_threads()} torch thread(s)")
+    print(f"found     {', '.join(methods)}" + (f"   (not installed: {', '.join(absent)})" if absent else ""))
+    for note in notes:
+        print(f"note      {note}")
+    if missing:
+        print(f"skipping  {', '.join(missing)}: not installed (install its plugin, or run scripts/setup.sh)")
+    if not chosen:
+        raise ValueError("no method to run")
+    settings = {}
+    for m in chosen:
+        s = settings_for(problem.name, m)
+        settings[m] = {"kwargs": {**s.kwargs, **overrides.get(m, {})}, "reason": s.reason,
+                       "overridden": overrides.get(m, {})}
+        print(f"  {m:14s} {settings[m]['kwargs']}")
+
+    warm_up(problem, split, batch_size, [methods[m] for m in chosen])
+    results: list[RunResult] = []
+    interrupted = False
+    start = time.perf_counter()
+    total = len(chosen) * args.seeds
+    for seed in range(args.seed, args.seed + args.seeds):
+        for m in chosen:
+            label = f"[{len(results) + 1}/{total}] "
+            r = run_one(problem, split, methods[m], settings[m]["kwargs"], seed=seed, batch_size=batch_size,
+                        budget=budget, progress=not args.no_progress, position=label)
+            results.append(r)
+            print(f"{label}{m} seed {seed}: {r.status}, train loss {r.final_train_loss:.4f} after "
+                  f"{r.epochs_done:.3g} epochs, {r.train_seconds:.1f} s" + (f"  ({r.message})" if r.message else ""),
+                  flush=True)
+            if r.status == "interrupted":
+                interrupted = True
+                break
+        if interrupted:
+            break
+    wall = time.perf_counter() - start
+
+    rows = summarize(results, classifier=problem.classifier)
+    table = format_table(rows, classifier=problem.classifier)
+    mem = sorted({r.memory_method for r in results if r.memory_method})
+    print()
+    print(f"{problem.title}" + (" [GENERATED data]" if problem.generated else ""))
+    print(table)
+    print(f"train loss: mean {'BCE summed over outputs' if not problem.classifier else 'cross-entropy'} per example "
+          f"on the full training set; s/epoch: training steps only; opt state: tensor bytes of "
+          f"optimizer.state_dict(); peak RSS: increase during the run ({', '.join(mem)})")
+    payload = {
+        "problem": problem.name, "title": problem.title, "generated": problem.generated,
+        "command": " ".join(command), "budget": {"epochs": budget.epochs, "seconds": budget.seconds},
+        "batch_size": batch_size, "seeds": list(range(args.seed, args.seed + args.seeds)),
+        "data": {"n_train": split.n_train, "n_test": split.n_test, "data_dir": args.data_dir},
+        "methods_found": {n: s.origin for n, s in methods.items()}, "methods_not_installed": absent,
+        "settings": settings, "environment": environment(), "wall_seconds": wall,
+        "interrupted": interrupted, "table": rows, "runs": [r.to_dict() for r in results],
+    }
+    write_json(out_dir / "results.json", payload)
+    (out_dir / "table.txt").write_text(table + "\n")
+    (out_dir / "table.rst").write_text(format_table(rows, classifier=problem.classifier, rst=True) + "\n")
+    written = [] if args.no_plots else plot_curves(
+        results, out_dir, title=problem.title + (" [GENERATED data]" if problem.generated else ""),
+        classifier=problem.classifier)
+    print(f"wrote     {out_dir / 'results.json'}, table.txt, table.rst"
+          + (", " + ", ".join(p.name for p in written) if written else ""))
+    print(f"wall time {wall:.1f} s")
+    if interrupted:
+        print("interrupted: the table holds the runs that finished (and the interrupted one, marked)")
+        return 130
+    return 1 if any(r.status == "error" for r in results) else 0
