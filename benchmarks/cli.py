@@ -201,7 +201,8 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
     print(table)
     print(f"train loss: mean {'BCE summed over outputs' if not problem.classifier else 'cross-entropy'} per example "
           f"on the full training set; s/epoch: training steps only; opt state: tensor bytes of "
-          f"optimizer.state_dict(); peak RSS: increase during the run ({', '.join(mem)})")
+          f"optimizer.state_dict(); peak RSS: increase during the run, evaluation (in training-size batches) "
+          f"included ({', '.join(mem)})")
     payload = {
         "problem": problem.name, "title": problem.title, "generated": problem.generated,
         "command": " ".join(command), "budget": {"epochs": budget.epochs, "seconds": budget.seconds},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -39,14 +40,45 @@ def _ylim(results: Sequence[RunResult], key: str) -> tuple[float, float] | None:
         highs.append(max(later) if later else max(vals))
     if not lows:
         return None
-    lo, hi = min(lows), max(highs)
-    pad = 0.05 * (hi - lo) if hi > lo else max(abs(lo) * 0.05, 1e-3)
-    return lo - pad, hi + pad
+    return min(lows), max(highs)
+
+
+def _draw(ax, method: str, runs: Sequence[RunResult], key: str, xkey: str, color: str) -> None:
+    """One method's curves: the mean over seeds with a min-max band when every seed has the same
+    x values (an epoch budget, nothing diverged), else one line per seed."""
+    style = {"color": color, "lw": 1.6, "ls": "--" if method.endswith("empirical") else "-"}
+    bad = sorted({r.status for r in runs if r.status != "ok"})
+    label = method + (f" ({', '.join(bad)})" if bad else "")
+    curves = []
+    for r in runs:
+        ys = list(getattr(r, key))
+        xs = list(getattr(r, xkey))[: len(ys)]
+        if xkey == "seconds":  # log time axis: drop the t = 0 point
+            keep = [i for i, x in enumerate(xs) if x > 0]
+            xs, ys = [xs[i] for i in keep], [ys[i] for i in keep]
+        if ys:
+            curves.append((xs, ys, r.status))
+    if not curves:
+        return
+    same_x = xkey == "epoch" and all(c[0] == curves[0][0] for c in curves) and not bad
+    if same_x and len(curves) > 1:
+        xs = curves[0][0]
+        columns = list(zip(*(c[1] for c in curves)))
+        ax.plot(xs, [sum(col) / len(col) for col in columns], label=label + f" (mean of {len(curves)})", **style)
+        ax.fill_between(xs, [min(col) for col in columns], [max(col) for col in columns], color=color, alpha=0.15,
+                        lw=0)
+        return
+    for i, (xs, ys, status) in enumerate(curves):
+        ax.plot(xs, ys, label=label if i == 0 else None, alpha=0.9, **style)
+        if status == "diverged":
+            ax.plot(xs[-1:], ys[-1:], "x", color=color, ms=9)
 
 
 def plot_curves(results: Sequence[RunResult], out_dir: Path, *, title: str, classifier: bool) -> list[Path]:
     """Write ``train_loss_vs_epochs.png``, ``train_loss_vs_seconds.png`` and (for classifiers)
-    ``test_accuracy_vs_epochs.png``; returns the paths written."""
+    ``test_accuracy_vs_epochs.png``; returns the paths written. Several seeds of a method are
+    drawn as their mean with a min-max band when they share their x values, else one line each;
+    a diverged run ends in a cross."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,34 +86,32 @@ def plot_curves(results: Sequence[RunResult], out_dir: Path, *, title: str, clas
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = [("train_loss", "epoch", "epochs", "training loss (full training set)"),
-             ("train_loss", "seconds", "training seconds (evaluation excluded)", "training loss (full training set)")]
+             ("train_loss", "seconds", "training seconds, log scale (evaluation excluded)", "training loss (full training set)")]
     if classifier:
         plots.append(("test_accuracy", "epoch", "epochs", "test accuracy"))
     paths = []
     extra: dict[str, str] = {}
     for key, xkey, xlabel, ylabel in plots:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-        labelled: set[str] = set()
+        by_method: dict[str, list[RunResult]] = {}
         for r in results:
-            ys = getattr(r, key)
-            xs = getattr(r, xkey)[: len(ys)]
-            if not ys:
-                continue
-            label = None
-            if r.method not in labelled:
-                label = r.method + ("" if r.status == "ok" else f" ({r.status})")
-                labelled.add(r.method)
-            ax.plot(xs, ys, color=_color(r.method, extra), label=label, lw=1.6, alpha=0.9,
-                    ls="--" if r.method.endswith("empirical") else "-")
-            if r.status == "diverged":
-                ax.plot(xs[-1:], ys[-1:], "x", color=_color(r.method, extra), ms=9)
+            by_method.setdefault(r.method, []).append(r)
+        for method, runs in by_method.items():
+            _draw(ax, method, runs, key, xkey, _color(method, extra))
         if key == "train_loss":
             lim = _ylim(results, key)
-            if lim is not None:
-                ax.set_ylim(*lim)
+            if lim is not None and lim[0] > 0 and lim[1] / lim[0] > 4:
+                ax.set_yscale("log")  # plateaus and final losses an order of magnitude apart
+                ylabel += ", log scale"
+            elif lim is not None:
+                lo, hi = lim
+                pad = 0.05 * (hi - lo) if hi > lo else max(abs(lo) * 0.05, 1e-3)
+                ax.set_ylim(lo - pad, hi + pad)
+        if xkey == "seconds":
+            ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

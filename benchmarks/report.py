@@ -68,7 +68,7 @@ def _num(value: tuple[float, float] | float, fmt: str, with_std: bool) -> str:
     if not math.isfinite(mean):
         return "-"
     text = format(mean, fmt)
-    return f"{text} ± {format(std, fmt)}" if with_std else text
+    return f"{text} ± {format(std, '.2g' if fmt.endswith('g') else fmt)}" if with_std else text
 
 
 def table_cells(rows: Sequence[dict[str, Any]], *, classifier: bool) -> tuple[list[str], list[list[str]]]:
@@ -80,11 +80,11 @@ def table_cells(rows: Sequence[dict[str, Any]], *, classifier: bool) -> tuple[li
     cells = []
     for r in rows:
         line = [r["method"], r["status"], _num(r["epochs"], ".3g", False),
-                _num(r["final_train_loss"], ".4f", multi), _num(r["best_train_loss"], ".4f", multi)]
+                _num(r["final_train_loss"], ".5g", multi), _num(r["best_train_loss"], ".5g", multi)]
         if classifier:
             line += [_num(r["final_test_accuracy"], ".2f", multi), _num(r["best_test_accuracy"], ".2f", multi)]
         else:
-            line.append(_num(r["final_test_loss"], ".4f", multi))
+            line.append(_num(r["final_test_loss"], ".5g", multi))
         line += [_num(r["seconds_per_epoch"], ".3f", False), _num(r["time_ratio_to_sgd"], ".2f", False),
                  _num(r["state_mib"], ".3f", False), _num(r["peak_mib"], ".1f", False)]
         cells.append(line)

@@ -103,10 +103,11 @@ class RunResult:
         return d
 
 
-def _record(result: RunResult, model: nn.Module, problem: Problem, split: Split, epoch: float) -> bool:
-    """Evaluate and append one curve point; returns False if the training loss is not finite."""
-    train_loss, _ = evaluate(model, problem, split.x_train, split.y_train)
-    test_loss, test_acc = evaluate(model, problem, split.x_test, split.y_test)
+def _record(result: RunResult, model: nn.Module, problem: Problem, split: Split, epoch: float, batch: int) -> bool:
+    """Evaluate (in chunks of the training batch size, so that evaluation needs no more memory
+    than training) and append one curve point; returns False if the training loss is not finite."""
+    train_loss, _ = evaluate(model, problem, split.x_train, split.y_train, batch=batch)
+    test_loss, test_acc = evaluate(model, problem, split.x_test, split.y_test, batch=batch)
     result.epoch.append(epoch)
     result.seconds.append(result.train_seconds)
     result.train_loss.append(train_loss)
@@ -130,6 +131,7 @@ def run_one(
 ) -> RunResult:
     """Train a fresh model of ``problem`` with ``method`` and return its :class:`RunResult`.
 
+    The progress bar (``progress=True``) shows only when stderr is a terminal.
     Never raises for a diverging or failing optimizer (the status says so); a
     ``KeyboardInterrupt`` ends the run with status ``"interrupted"`` and what it had so far.
     """
@@ -145,7 +147,7 @@ def run_one(
     order = torch.Generator().manual_seed(seed)
     total = budget.epochs if budget.seconds is None else budget.seconds
     unit = "epoch" if budget.seconds is None else "s"
-    bar = tqdm(total=total, desc=f"{position}{method.name}", unit=unit, disable=not progress, leave=False,
+    bar = tqdm(total=total, desc=f"{position}{method.name}", unit=unit, disable=None if progress else True, leave=False,
                dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} {unit} [{elapsed}<{remaining}{postfix}]")
     meter = PeakRSS()
     try:
@@ -154,7 +156,7 @@ def run_one(
             opt = method.build(model, **settings)
             curvature = method.curvature and hasattr(opt, "update_curvature")
             needs_closure = bool(getattr(opt, "needs_closure", False))
-            _record(result, model, problem, split, 0.0)
+            _record(result, model, problem, split, 0.0, batch_size)
             epoch = 0
             stop = False
             while not stop:
@@ -178,11 +180,11 @@ def run_one(
                         if result.train_seconds >= budget.seconds:
                             stop = True
                             if i + 1 < steps_per_epoch:
-                                _finish(result, model, problem, split, epoch + (i + 1) / steps_per_epoch)
+                                _finish(result, model, problem, split, epoch + (i + 1) / steps_per_epoch, batch_size)
                                 break
                 else:
                     epoch += 1
-                    if not _record(result, model, problem, split, float(epoch)):
+                    if not _record(result, model, problem, split, float(epoch), batch_size):
                         result.status, result.message = "diverged", f"non-finite training loss after epoch {epoch}"
                         stop = True
                     if budget.seconds is None:
@@ -219,11 +221,11 @@ def warm_up(problem: Problem, split: Split, batch_size: int, methods: Sequence[M
             state_bytes(opt.state_dict())
         except Exception:  # the measured run reports the failure
             pass
-    evaluate(model, problem, split.x_test, split.y_test)
+    evaluate(model, problem, split.x_train, split.y_train, batch=batch_size)
 
 
-def _finish(result: RunResult, model: nn.Module, problem: Problem, split: Split, epoch: float) -> None:
-    if not _record(result, model, problem, split, epoch):
+def _finish(result: RunResult, model: nn.Module, problem: Problem, split: Split, epoch: float, batch: int) -> None:
+    if not _record(result, model, problem, split, epoch, batch):
         result.status, result.message = "diverged", f"non-finite training loss at epoch {epoch:.3g}"
 
 
