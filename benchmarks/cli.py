@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from .methods import PREFERRED_ORDER, discover_methods
 from .plots import plot_curves
 from .problems import PROBLEMS, DataOptions, get_problem
-from .report import environment, format_table, summarize, write_json
+from .report import environment, format_table, load_runs, summarize, write_json
 from .runner import Budget, RunResult, run_one, warm_up
 from .settings import PROBLEM_DEFAULTS, settings_for
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--list", action="store_true", help="list problems, installed methods and settings, then exit")
+    p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: re-render the table and plots of a results.json (into --out, default its folder)")
     return p
 
 
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
-        return _main(args, list(sys.argv if argv is None else ["python -m benchmarks", *argv]))
+        return _main(args, ["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -123,7 +126,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
 
 
+def _write_outputs(payload: dict[str, Any], results: list[RunResult], out_dir: Path, *, plots: bool) -> None:
+    """Print the table; write results.json, table.txt, table.rst and the plots to ``out_dir``."""
+    problem = get_problem(payload["problem"])
+    rows = summarize(results, classifier=problem.classifier)
+    table = format_table(rows, classifier=problem.classifier)
+    mem = sorted({r.memory_method for r in results if r.memory_method})
+    title = problem.title + (" [GENERATED data]" if problem.generated else "")
+    print(f"\n{title}\n{table}")
+    print(f"train loss: mean {'BCE summed over outputs' if not problem.classifier else 'cross-entropy'} per example "
+          f"on the full training set; s/epoch: training steps only; opt state: tensor bytes of "
+          f"optimizer.state_dict(); peak RSS: increase during the run, evaluation (in training-size batches) "
+          f"included ({', '.join(mem)})")
+    write_json(out_dir / "results.json", {**payload, "table": rows})
+    (out_dir / "table.txt").write_text(table + "\n")
+    (out_dir / "table.rst").write_text(format_table(rows, classifier=problem.classifier, rst=True) + "\n")
+    written = plot_curves(results, out_dir, title=title, classifier=problem.classifier) if plots else []
+    print(f"wrote     {out_dir / 'results.json'}, table.txt, table.rst"
+          + (", " + ", ".join(p.name for p in written) if written else ""))
+
+
+def _rerender(args: argparse.Namespace) -> int:
+    path = Path(args.from_json)
+    if not path.is_file():
+        raise FileNotFoundError(f"--from-json: no file {path}")
+    payload = json.loads(path.read_text())
+    _write_outputs(payload, load_runs(payload), Path(args.out) if args.out else path.parent, plots=not args.no_plots)
+    return 0
+
+
 def _main(args: argparse.Namespace, command: list[str]) -> int:
+    if args.from_json:
+        return _rerender(args)
     methods, notes = discover_methods()
     if args.list:
         _list(methods)
@@ -193,16 +227,6 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
             break
     wall = time.perf_counter() - start
 
-    rows = summarize(results, classifier=problem.classifier)
-    table = format_table(rows, classifier=problem.classifier)
-    mem = sorted({r.memory_method for r in results if r.memory_method})
-    print()
-    print(f"{problem.title}" + (" [GENERATED data]" if problem.generated else ""))
-    print(table)
-    print(f"train loss: mean {'BCE summed over outputs' if not problem.classifier else 'cross-entropy'} per example "
-          f"on the full training set; s/epoch: training steps only; opt state: tensor bytes of "
-          f"optimizer.state_dict(); peak RSS: increase during the run, evaluation (in training-size batches) "
-          f"included ({', '.join(mem)})")
     payload = {
         "problem": problem.name, "title": problem.title, "generated": problem.generated,
         "command": " ".join(command), "budget": {"epochs": budget.epochs, "seconds": budget.seconds},
@@ -210,16 +234,9 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
         "data": {"n_train": split.n_train, "n_test": split.n_test, "data_dir": args.data_dir},
         "methods_found": {n: s.origin for n, s in methods.items()}, "methods_not_installed": absent,
         "settings": settings, "environment": environment(), "wall_seconds": wall,
-        "interrupted": interrupted, "table": rows, "runs": [r.to_dict() for r in results],
+        "interrupted": interrupted, "runs": [r.to_dict() for r in results],
     }
-    write_json(out_dir / "results.json", payload)
-    (out_dir / "table.txt").write_text(table + "\n")
-    (out_dir / "table.rst").write_text(format_table(rows, classifier=problem.classifier, rst=True) + "\n")
-    written = [] if args.no_plots else plot_curves(
-        results, out_dir, title=problem.title + (" [GENERATED data]" if problem.generated else ""),
-        classifier=problem.classifier)
-    print(f"wrote     {out_dir / 'results.json'}, table.txt, table.rst"
-          + (", " + ", ".join(p.name for p in written) if written else ""))
+    _write_outputs(payload, results, out_dir, plots=not args.no_plots)
     print(f"wall time {wall:.1f} s")
     if interrupted:
         print("interrupted: the table holds the runs that finished (and the interrupted one, marked)")

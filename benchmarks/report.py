@@ -13,7 +13,7 @@ import torch
 
 from .runner import RunResult
 
-__all__ = ["environment", "format_table", "summarize", "write_json"]
+__all__ = ["environment", "format_table", "load_runs", "summarize", "write_json"]
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:
@@ -80,11 +80,11 @@ def table_cells(rows: Sequence[dict[str, Any]], *, classifier: bool) -> tuple[li
     cells = []
     for r in rows:
         line = [r["method"], r["status"], _num(r["epochs"], ".3g", False),
-                _num(r["final_train_loss"], ".5g", multi), _num(r["best_train_loss"], ".5g", multi)]
+                _num(r["final_train_loss"], "#.4g", multi), _num(r["best_train_loss"], "#.4g", multi)]
         if classifier:
             line += [_num(r["final_test_accuracy"], ".2f", multi), _num(r["best_test_accuracy"], ".2f", multi)]
         else:
-            line.append(_num(r["final_test_loss"], ".5g", multi))
+            line.append(_num(r["final_test_loss"], "#.4g", multi))
         line += [_num(r["seconds_per_epoch"], ".3f", False), _num(r["time_ratio_to_sgd"], ".2f", False),
                  _num(r["state_mib"], ".3f", False), _num(r["peak_mib"], ".1f", False)]
         cells.append(line)
@@ -127,6 +127,22 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     return obj
+
+
+def _unclean(obj: Any) -> Any:
+    if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
+        return float(obj)
+    if isinstance(obj, list):
+        return [_unclean(v) for v in obj]
+    return obj
+
+
+def load_runs(payload: dict[str, Any]) -> list[RunResult]:
+    """The :class:`RunResult` objects stored in a results JSON payload (as written by the CLI)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(RunResult)}
+    return [RunResult(**{k: _unclean(v) for k, v in run.items() if k in names}) for run in payload["runs"]]
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:

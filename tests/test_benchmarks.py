@@ -242,6 +242,9 @@ def test_cli_digits_ae_writes_table_json_and_plots(tmp_path, capsys):
     assert (out / "table.rst").read_text().startswith("=")
     for name in ("train_loss_vs_epochs.png", "train_loss_vs_seconds.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    again = tmp_path / "again"  # re-render from the JSON alone: the same table
+    assert cli.main(["--from-json", str(out / "results.json"), "--out", str(again), "--no-plots"]) == 0
+    assert (again / "table.txt").read_text() == (out / "table.txt").read_text()
 
 
 def test_cli_marks_divergence_and_continues(tmp_path):
