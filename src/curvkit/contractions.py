@@ -19,7 +19,7 @@ one graph without breaks.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Sequence
 
 import opt_einsum
 import torch
@@ -97,11 +97,25 @@ def _product_equation(k: int, modes: tuple[int, ...]) -> str:
     return ",".join(operands + [src]) + "->" + "".join(out)
 
 
-def mode_products(tensor: Tensor, matrices: Sequence[Tensor | None]) -> Tensor:
+def mode_products(tensor: Tensor, matrices: Sequence[Any]) -> Tensor:
     """:math:`G \\times_1 V_1 \\times_2 \\cdots \\times_k V_k`, skipping modes whose matrix is None.
 
     ``(G \\times_i V)`` multiplies mode ``i`` from the left: ``out[.., a, ..] = sum_j V[a, j] G[.., j, ..]``.
+    An entry may also be an :class:`~curvkit.operators.InverseOperator` (eigenbasis, limited-memory
+    pairs), applied through its own ``mode_product`` after the dense modes.
     """
+    if any(m is not None and not isinstance(m, Tensor) for m in matrices):
+        dense = [m if isinstance(m, Tensor) else None for m in matrices]
+        out = mode_products(tensor, dense) if len(matrices) == tensor.dim() else tensor
+        if len(matrices) != tensor.dim():
+            raise ValueError(
+                f"mode_products needs one matrix (or None) per mode: tensor has {tensor.dim()} modes, "
+                f"got {len(matrices)} matrices"
+            )
+        for mode, op in enumerate(matrices):
+            if op is not None and not isinstance(op, Tensor):
+                out = op.mode_product(out, mode)
+        return out
     if len(matrices) != tensor.dim():
         raise ValueError(
             f"mode_products needs one matrix (or None) per mode: tensor has {tensor.dim()} modes, "

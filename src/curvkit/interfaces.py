@@ -71,11 +71,19 @@ class EvidenceSpec:
         closure: the estimator needs the loss re-evaluated on the same batch after the
             parameter update (K-BFGS), so :meth:`~curvkit.CurvatureOptimizer.step` requires a
             closure.
+        layer_outputs: with ``layer_io``, also keep each layer's outputs (K-BFGS needs the mean
+            pre-activations); off by default, so recorders keep nothing an estimator does not use.
+        parameter_gradients: the estimator reads the parameter gradients of its backward pass.
+            A ``layer_io`` estimator that only needs layer inputs and output gradients (KFAC)
+            sets it ``False``, and the sampled backward then differentiates with respect to the
+            recorded layer outputs only (no weight-gradient GEMMs).
     """
 
     source: Source = Source.SAMPLED
     layer_io: bool = False
     closure: bool = False
+    layer_outputs: bool = False
+    parameter_gradients: bool = True
 
 
 @dataclass
@@ -257,7 +265,14 @@ class Inverter(Part):
     ``order`` of shape ``(b,)`` (the number of modes ``k`` of each factor's block, so that roots
     such as Shampoo's :math:`-1/(2k)` can depend on it), and returns a ``(b, d, d)`` tensor.
     Implementations must not modify their inputs.
+
+    An inverter whose :attr:`produces` is ``"eigenbasis"`` returns a pair ``(vectors, values)``
+    of shapes ``(b, d, d)`` and ``(b, d)`` instead; the optimizer wraps each as an
+    :class:`~curvkit.operators.EigenBasis`.
     """
+
+    #: What :meth:`invert` returns: ``"matrix"`` (dense ``(b, d, d)``) or ``"eigenbasis"``.
+    produces: ClassVar[str] = "matrix"
 
     @abstractmethod
     def invert(self, matrices: Tensor, *, damping: Tensor, order: Tensor) -> Tensor:
@@ -265,7 +280,33 @@ class Inverter(Part):
 
 
 class Preconditioner(Part):
-    r"""Forms the update direction of a block from its buffer and the inverted factors."""
+    r"""Forms the update direction of a block from its buffer and the inverted factors.
+
+    The optimizer calls :meth:`apply_group` once per group of blocks of equal view shape, dtype
+    and device; the default loops over :meth:`apply`, and a preconditioner that can batch the
+    group (one ``bmm`` over the stacked buffers, say) overrides it.
+    """
+
+    #: The kinds of per-mode entries this preconditioner can apply: ``"matrix"`` (dense
+    #: tensors), ``"eigenbasis"`` (:class:`~curvkit.operators.EigenBasis`), ``"operator"``
+    #: (any :class:`~curvkit.operators.InverseOperator`). :func:`curvkit.compose` checks the
+    #: inverter's :attr:`Inverter.produces` against it when it builds.
+    accepts: ClassVar[tuple[str, ...]] = ("matrix", "eigenbasis", "operator")
+
+    def apply_group(
+        self,
+        blocks: Sequence["Block"],
+        states: Sequence[dict[str, Any]],
+        directions: Sequence[Tensor],
+        inverses: Sequence[Sequence[Any] | None],
+        *,
+        gradients: Sequence[Tensor],
+    ) -> list[Tensor]:
+        """Precondition a group of same-shape blocks; by default one :meth:`apply` per block."""
+        return [
+            self.apply(b, s, d, inv, gradient=g)
+            for b, s, d, inv, g in zip(blocks, states, directions, inverses, gradients)
+        ]
 
     def init_state(self, block: "Block") -> dict[str, Any]:
         """Per-block state (for example grafting statistics); empty by default."""

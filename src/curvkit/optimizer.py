@@ -263,7 +263,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if self._recorder is not None:
                 self._recorder.remove()
             modules = [b.module for b in self._blocks if b.module is not None]
-            self._recorder = LayerRecorder(modules, root=self.model, keep_outputs=True)
+            self._recorder = LayerRecorder(modules, root=self.model, keep_outputs=self._evidence.layer_outputs)
 
     # ------------------------------------------------------------------ public introspection
     @property

@@ -137,7 +137,7 @@ class KBFGSEstimator(CurvatureEstimator):
 
     @property
     def evidence(self) -> EvidenceSpec:
-        return EvidenceSpec(source=Source.MINIBATCH, layer_io=True, closure=True)
+        return EvidenceSpec(source=Source.MINIBATCH, layer_io=True, closure=True, layer_outputs=True)
 
     def plan(
         self,
