@@ -62,13 +62,17 @@ def compose(
             (validated by its config).
         **options: options of :class:`CurvatureOptimizer` (``lr``, ``momentum``, ``damping``, ...).
     """
-    return CurvatureOptimizer(
-        params,
-        estimator=build_part("estimator", estimator, estimator_options),
-        preconditioner=build_part("preconditioner", preconditioner, preconditioner_options),
-        inverter=build_part("inverter", inverter, inverter_options),
-        **options,
-    )
+    est = build_part("estimator", estimator, estimator_options)
+    pre = build_part("preconditioner", preconditioner, preconditioner_options)
+    inv = build_part("inverter", inverter, inverter_options)
+    produces = "operator" if est.factors_are_inverses else inv.produces
+    if produces not in pre.accepts:
+        raise ValueError(
+            f"preconditioner {pre.name!r} accepts per-mode entries of kind {list(pre.accepts)}, but "
+            f"{'estimator ' + repr(est.name) if est.factors_are_inverses else 'inverter ' + repr(inv.name)} "
+            f"produces {produces!r}: choose parts that fit together"
+        )
+    return CurvatureOptimizer(params, estimator=est, preconditioner=pre, inverter=inv, **options)
 
 
 @register("method", "TNT")

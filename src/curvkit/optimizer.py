@@ -30,6 +30,7 @@ from .fisher import LossSpec, sampled_loss
 from ._tree import map_tensors, tensors_in
 from .hooks import LayerRecorder
 from .inverters.identity import IdentityInverter
+from .operators import EigenBasis
 from .interfaces import BlockEvidence, CurvatureEstimator, Inverter, Preconditioner, Source
 from .safeguards import CurvkitWarning, InversionRequest, invert_all, new_health
 
@@ -523,6 +524,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             factors = self.estimator.factors(b, state["estimator"], damping=self.param_groups[b.group]["damping"])
             if factors is None:
                 continue
+            if self.estimator.factors_are_inverses:  # maintained directly: no inversion, no copy
+                state["inverses"] = [None if f is None else f.matrix for f in factors]
+                continue
             previous = state["inverses"]
             for mode, f in enumerate(factors):
                 if f is not None:
@@ -532,8 +536,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not requests:
             return
         results = invert_all(self.inverter, requests, self._health, self._warned)
+        refreshed: set[int] = set()
         for (bi, mode), inv in results.items():
-            self._state_of(self._blocks[bi])["inverses"][mode] = inv
+            state = self._state_of(self._blocks[bi])
+            if isinstance(inv, tuple):  # an eigenbasis inverter: (vectors, values)
+                if bi not in refreshed:
+                    refreshed.add(bi)
+                    state["inverse_version"] = state.get("inverse_version", 0) + 1
+                inv = EigenBasis(inv[0], inv[1], state["inverse_version"])
+            state["inverses"][mode] = inv
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

@@ -61,9 +61,13 @@ def _invert_one(inverter: Inverter, matrix: Tensor, damping: Tensor, order: int)
             matrix.unsqueeze(0),
             damping=damping.reshape(1),
             order=torch.tensor([order], device=matrix.device),
-        )[0]
+        )
     except (RuntimeError, torch.linalg.LinAlgError):
         return None
+    if isinstance(out, tuple):  # an eigenbasis: (vectors, values)
+        one = (out[0][0], out[1][0])
+        return one if all(bool(torch.isfinite(t).all()) for t in one) else None
+    out = out[0] if out.dim() == 3 else out
     return out if bool(torch.isfinite(out).all()) else None
 
 
@@ -91,7 +95,11 @@ def invert_all(
         input_ok = _finite_rows(torch.cat([matrices.flatten(1), damping[:, None]], dim=1))
         try:
             out = inverter.invert(matrices, damping=damping, order=order)
-            ok = _finite_rows(out)
+            if isinstance(out, tuple):  # an eigenbasis inverter: (vectors, values)
+                ok = [a and b for a, b in zip(_finite_rows(out[0]), _finite_rows(out[1]))]
+                out = list(zip(out[0], out[1]))
+            else:
+                ok = _finite_rows(out)
         except (RuntimeError, torch.linalg.LinAlgError):
             out, ok = None, [False] * len(reqs)
         for i, req in enumerate(reqs):
@@ -118,13 +126,13 @@ def _recover(
         _warn_once(warned, "float64", "an inversion failed or was not finite; retried in float64")
         out = _invert_one(inverter, m64, damping, req.order)
         if out is not None:
-            return out.to(dtype)
+            return _cast(out, dtype)
         counters["inverse_extra_damping"] += 1
         _warn_once(warned, "damping", "an inversion failed in float64; retried with more damping")
         for factor in (10.0, 100.0):
             out = _invert_one(inverter, m64, damping * factor, req.order)
             if out is not None:
-                return out.to(dtype)
+                return _cast(out, dtype)
     counters["inverse_kept_last"] += 1
     _warn_once(
         warned,
@@ -133,6 +141,10 @@ def _recover(
         "keeping the block's last good inverse",
     )
     return req.previous
+
+
+def _cast(out: Any, dtype: torch.dtype) -> Any:
+    return tuple(t.to(dtype) for t in out) if isinstance(out, tuple) else out.to(dtype)
 
 
 def _warn_once(warned: set[str], key: str, message: str) -> None:
