@@ -64,4 +64,6 @@ def train_step(model: nn.Module, opt: curvkit.CurvatureOptimizer, x: torch.Tenso
 
 
 def state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return tensors_in(opt.state_dict()["curvkit"]["blocks"])
+    from curvkit.engine.checkpoint import block_states
+
+    return tensors_in(block_states(opt.state_dict()))

@@ -96,11 +96,17 @@ class BlockEvidence:
         layer: for ``layer_io`` estimators, the recorder holding the block module's recorded
             inputs, outputs and output gradients; otherwise ``None``.
         batch_size: number of examples behind the evidence, when known.
+        valid: a 0-d bool tensor on the block's device, ``False`` when the evidence was not
+            finite (its gradients are then zeros). An estimator that honours it leaves its
+            statistics exactly unchanged for invalid evidence without reading the flag on the
+            host (``torch.where`` / ``lerp`` with a 0 weight); one that ignores it folds zero
+            evidence in. ``None`` means valid.
     """
 
     gradients: list[Tensor | None]
     layer: "LayerRecorder | None" = None
     batch_size: int | None = None
+    valid: Tensor | None = None
 
 
 class Factor(NamedTuple):
@@ -137,6 +143,9 @@ class Part(ABC):
     Config: ClassVar[type[PartConfig]] = PartConfig
     #: The registry name, set by :func:`curvkit.register`.
     name: ClassVar[str] = ""
+    #: Config options that may differ between a saved state and the optimizer loading it (with a
+    #: warning); any other difference changes the meaning of the saved state and is refused.
+    state_neutral_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PartConfig | None = None, **options: Any) -> None:
         if config is not None and options:
@@ -192,6 +201,11 @@ class CurvatureEstimator(Part):
     #: ``identity`` inverter, which the optimizer enforces.
     factors_are_inverses: ClassVar[bool] = False
 
+    #: Whether the estimator detects and restarts its own non-finite statistics (K-BFGS); the
+    #: optimizer otherwise checks them at every inversion (and on save and load) and restarts
+    #: them through :meth:`init_state`, counted as ``statistics_restarted``.
+    heals_statistics: ClassVar[bool] = False
+
     @property
     def evidence(self) -> EvidenceSpec:
         """The evidence this estimator needs (may depend on the config)."""
@@ -231,8 +245,14 @@ class CurvatureEstimator(Part):
         evidence: BlockEvidence,
         *,
         decay: float | None = None,
-    ) -> None:
-        """Fold evidence into the block's statistics in place."""
+    ) -> bool | None:
+        """Fold evidence into the block's statistics in place.
+
+        Returns:
+            ``False`` when a block that should get evidence got none (for example a layer whose
+            hooks never fired); the optimizer counts it as ``missing_evidence`` and warns.
+            ``None`` or ``True`` otherwise.
+        """
 
     @abstractmethod
     def factors(self, block: "Block", state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:

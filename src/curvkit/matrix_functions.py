@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["damped_cholesky_inverse", "damped_eigen_power", "symmetrize"]
+__all__ = ["damped_cholesky_inverse", "damped_eigen_power", "damped_inverse", "symmetrize"]
 
 
 def symmetrize(matrix: Tensor) -> Tensor:
@@ -59,3 +59,28 @@ def damped_cholesky_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
             "Cholesky factorisation failed: a damped factor is not positive definite"
         )
     return torch.cholesky_inverse(chol)
+
+
+def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
+    r""":math:`(A + \epsilon I)^{-1}` of PSD matrices through a batched Cholesky factorisation.
+
+    The exact inverse that ``damped_eigen`` computes for power 1, at a fraction of the cost of an
+    eigendecomposition (:math:`d^3/3` flops for the factorisation against roughly :math:`9 d^3`
+    for ``eigh``) and without its convergence failures on rank-deficient factors (one example,
+    dead units, 1-D bias blocks): :math:`A + \epsilon I` is well conditioned whenever
+    :math:`\epsilon` is not negligible against :math:`\|A\|`. A matrix whose factorisation
+    fails (not positive definite after damping) gets a NaN result, so the caller's per-factor
+    retry handles it; no host synchronisation happens here.
+
+    Args:
+        matrix: ``(..., d, d)`` symmetric PSD matrices.
+        damping: ``(...)`` damping per matrix (broadcastable).
+    """
+    d = matrix.shape[-1]
+    eye = torch.eye(d, dtype=matrix.dtype, device=matrix.device)
+    damping = torch.as_tensor(damping, dtype=matrix.dtype, device=matrix.device)
+    damped = symmetrize(matrix) + damping[..., None, None] * eye
+    chol, info = torch.linalg.cholesky_ex(damped)
+    inverse = torch.cholesky_inverse(chol)
+    failed = (info != 0)[..., None, None]
+    return torch.where(failed, torch.full_like(inverse, float("nan")), inverse)

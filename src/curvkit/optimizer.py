@@ -12,56 +12,38 @@ Per block (one parameter tensor by default), with step index :math:`t` counting 
    0 by default: :math:`M \leftarrow \mu M + g`);
 4. direction :math:`P` = the preconditioner applied to :math:`M`;
 5. :math:`W \leftarrow W (1 - \eta\,\mathrm{wd}) - \eta P` (decoupled weight decay).
+
+The work is split among collaborators with one job each (:mod:`curvkit.engine`): evidence
+collection, the update rule, health counters, the run counters and the checkpoint layout;
+:meth:`~CurvatureOptimizer.step` is their orchestration. A step with no inversion due reads no
+tensor value on the host; faults are masked and counted on the device (see :meth:`health`).
 """
 
 from __future__ import annotations
 
-import warnings
 import weakref
+from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ._tree import tensors_in
 from .blocks import Block, BlockPlan
-from .config import check_choice, check_in_unit_interval, check_nonnegative, check_positive, check_positive_int
-from .estimators.tensor_normal import statistics_dtype
-from .fisher import LossSpec, sampled_loss
-from ._tree import map_tensors, tensors_in
-from .hooks import LayerRecorder
-from .inverters.identity import IdentityInverter
+from .config import check_choice, check_positive_int
+from .engine import checkpoint
+from .engine.evidence import EvidenceCollector
+from .engine.health import HealthMonitor
+from .engine.params import GROUP_OPTIONS, check_parameter, normalise_params, validate_group_options
+from .engine.runstate import RunState
+from .engine.states import BlockStates
+from .engine.update import UpdateRule
+from .fisher import LossSpec
+from .interfaces import CurvatureEstimator, Inverter, Preconditioner, Source
 from .operators import EigenBasis
-from .interfaces import BlockEvidence, CurvatureEstimator, Inverter, Preconditioner, Source
-from .safeguards import CurvkitWarning, InversionRequest, invert_all, new_health
+from .safeguards import InversionRequest, invert_all
 
 __all__ = ["CurvatureOptimizer", "GROUP_OPTIONS"]
-
-#: Options that may differ per param group.
-GROUP_OPTIONS = (
-    "lr", "momentum", "dampening", "weight_decay", "damping", "curvature_every", "invert_every",
-)
-_STATE_FORMAT = 1
-
-
-def _validate_group_options(options: dict[str, Any]) -> None:
-    if "lr" in options:
-        lr = options["lr"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1 or not bool(lr >= 0):
-                raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-        else:
-            check_nonnegative("lr", lr)
-    if "momentum" in options:
-        check_in_unit_interval("momentum", options["momentum"])
-    if "dampening" in options:
-        check_in_unit_interval("dampening", options["dampening"])
-    if "weight_decay" in options:
-        check_nonnegative("weight_decay", options["weight_decay"])
-    if "damping" in options:
-        check_positive("damping", options["damping"])
-    for name in ("curvature_every", "invert_every"):
-        if name in options:
-            check_positive_int(name, options[name])
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -71,9 +53,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     Usually built by :func:`curvkit.compose` or a preset such as :func:`curvkit.TNT`.
 
     Args:
-        params: parameters, ``(name, parameter)`` pairs, or param-group dicts (which may override
-            any of ``lr, momentum, dampening, weight_decay, damping, curvature_every,
-            invert_every``).
+        params: an ``nn.Module`` (its named parameters), parameters, ``(name, parameter)``
+            pairs, or param-group dicts (which may override any of ``lr, momentum, dampening,
+            weight_decay, damping, curvature_every, invert_every``).
         estimator: the curvature estimator part.
         preconditioner: the preconditioner part.
         inverter: the inverter part.
@@ -90,10 +72,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             :math:`t < T_2`).
         max_factor_dim: modes larger than this get no dense factor (identity); ``None`` = no
             limit.
-        model: the model (needed by layer-based estimators; also names the blocks).
+        model: the model (needed by layer-based estimators; also names the blocks). When
+            ``params`` is a module it is the model.
         nonfinite: ``"skip"`` (skip the update or statistics of a block whose gradient/evidence is
-            not finite, and count it in :meth:`health`) or ``"raise"``
-            (:class:`FloatingPointError`).
+            not finite, masked on the device and counted in :meth:`health`) or ``"raise"``
+            (:class:`FloatingPointError`; this reads flags on the host every step).
         seed: seed of the optimizer's own generator for target sampling (default: drawn from
             torch's global generator at construction, so ``torch.manual_seed`` controls it).
         sync_statistics: under :mod:`torch.distributed`, average the updated statistics over all
@@ -101,11 +84,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             the statistics of the global batch and the replicas stay identical. Exact for
             estimators whose statistics are linear in the evidence (EMAs of Grams or covariances:
             TNT, Shampoo, KFAC); refused for the others.
+        loss: the likelihood used by the closure form of :meth:`step` and as the default of
+            :meth:`update_curvature` (for example ``"cross_entropy"``).
+        strict: raise instead of warning when statistics are due but :meth:`step` finds no new
+            evidence (stale curvature), and when a loaded state holds non-finite values.
     """
 
     def __init__(
         self,
-        params: Iterable[Any],
+        params: Iterable[Any] | nn.Module,
         *,
         estimator: CurvatureEstimator,
         preconditioner: Preconditioner,
@@ -122,6 +109,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         nonfinite: str = "skip",
         seed: int | None = None,
         sync_statistics: bool = False,
+        loss: LossSpec | None = None,
+        strict: bool = False,
     ) -> None:
         for name, part, kind in (
             ("estimator", estimator, CurvatureEstimator),
@@ -131,112 +120,85 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if not isinstance(part, kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(part).__name__}")
         defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            damping=damping,
-            curvature_every=curvature_every,
-            invert_every=invert_every,
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, damping=damping,
+            curvature_every=curvature_every, invert_every=invert_every,
         )
-        _validate_group_options(defaults)
+        validate_group_options(defaults)
         check_positive_int("max_factor_dim", max_factor_dim, allow_none=True)
         check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise ValueError("params is a module and model= is another module: pass one model")
+            model = params
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if not isinstance(sync_statistics, bool):
+            raise ValueError(f"sync_statistics must be a bool, got {sync_statistics!r}")
+        if not isinstance(strict, bool):
+            raise ValueError(f"strict must be a bool, got {strict!r}")
+        if sync_statistics and not estimator.linear_statistics:
+            raise ValueError(
+                f"sync_statistics=True averages statistics across ranks, which is exact only for "
+                f"estimators whose statistics are linear in the evidence; {estimator.name!r} is not"
+            )
+        if estimator.factors_are_inverses and inverter.name != "identity":
+            raise ValueError(
+                f"estimator {estimator.name!r} maintains inverse factors directly, so inverting them "
+                f"again would be wrong: compose it with inverter='identity' (got {inverter.name!r})"
+            )
+        if estimator.evidence.layer_io and model is None:
+            raise ValueError(
+                f"estimator {estimator.name!r} needs layer inputs and output gradients: pass model=<your nn.Module>"
+            )
         self.estimator = estimator
         self.preconditioner = preconditioner
         self.inverter = inverter
         self.max_factor_dim = max_factor_dim
         self.model = model
         self.nonfinite = nonfinite
-        if not isinstance(sync_statistics, bool):
-            raise ValueError(f"sync_statistics must be a bool, got {sync_statistics!r}")
-        if sync_statistics and not estimator.linear_statistics:
-            raise ValueError(
-                f"sync_statistics=True averages statistics across ranks, which is exact only for "
-                f"estimators whose statistics are linear in the evidence; {estimator.name!r} is not"
-            )
         self.sync_statistics = sync_statistics
-        if estimator.factors_are_inverses and not isinstance(inverter, IdentityInverter):
-            raise ValueError(
-                f"estimator {estimator.name!r} maintains inverse factors directly, so inverting them "
-                f"again would be wrong: compose it with inverter='identity' (got {inverter.name!r})"
-            )
+        self.default_loss = loss
+        self.strict = strict
         self._evidence = estimator.evidence
-        if self._evidence.layer_io and model is None:
-            raise ValueError(
-                f"estimator {estimator.name!r} needs layer inputs and output gradients: pass model=<your nn.Module>"
-            )
         self._blocks: list[Block] = []
         self._param_names: dict[int, str] = {}
         if model is not None:
             self._param_names = {id(p): n for n, p in model.named_parameters()}
-        params = self._normalise_params(params)
-        super().__init__(params, defaults)
+        groups = normalise_params(params, self._param_names)
+        super().__init__(groups, defaults)
         self._seed = int(torch.randint(0, 2**62, (), generator=None).item()) if seed is None else seed
-        self._generators: dict[str, torch.Generator] = {}
-        self._step_count = 0
-        self._stats_taken_at = -1
-        self._ever_had_stats = False
-        self._warm_started = False
-        self._health: dict[int, dict[str, int]] = {}
-        self._warned: set[str] = set()
-        self._recorder: LayerRecorder | None = None
+        self._run = RunState()
+        self._health = HealthMonitor()
+        self._states = BlockStates(self.state, estimator, preconditioner)
+        self._collector = EvidenceCollector(
+            estimator, self._blocks, self._states.estimator_state, self._run, self._health,
+            model=model, nonfinite=nonfinite, seed=self._seed,
+        )
+        self._collector.sync_statistics = sync_statistics
+        if sync_statistics:
+            from .engine.sync import StatisticsAverager
+
+            self._collector.distributor = StatisticsAverager()
+        self._update = UpdateRule(preconditioner, self._health, nonfinite=nonfinite)
         self._used_grads: dict[int, tuple[weakref.ref, int]] = {}
         self._build_plan()
+        self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
 
     # ------------------------------------------------------------------ construction helpers
-    def _normalise_params(self, params: Iterable[Any]) -> list[dict[str, Any]]:
-        if isinstance(params, Tensor):
-            raise ValueError("params must be an iterable of tensors or dicts, got a single Tensor")
-        items = list(params)
-        if not items:
-            raise ValueError("params is empty: the optimizer got no parameters to optimise")
-        groups = items if isinstance(items[0], dict) else [{"params": items}]
-        out = []
-        seen: set[int] = set()
-        for gi, group in enumerate(groups):
-            if not isinstance(group, dict):
-                raise ValueError("params mixes dicts (param groups) and tensors; use one form")
-            group = dict(group)
-            raw = group["params"]
-            raw = [raw] if isinstance(raw, Tensor) else list(raw)
-            plist = []
-            for i, item in enumerate(raw):
-                if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                    name, p = item
-                    self._param_names.setdefault(id(p), name)
-                else:
-                    p = item
-                if not isinstance(p, Tensor):
-                    raise ValueError(f"params must be tensors, got {type(p).__name__} in group {gi}")
-                if not p.is_leaf:
-                    raise ValueError(f"parameter {i} of group {gi} is not a leaf tensor (can't optimise it)")
-                if p.is_complex():
-                    raise ValueError(
-                        f"parameter {self._param_names.get(id(p), i)!r} is complex ({p.dtype}); curvkit "
-                        f"supports real floating-point parameters only (view it as real with torch.view_as_real)"
-                    )
-                if not p.is_floating_point():
-                    raise ValueError(f"parameter {i} of group {gi} has dtype {p.dtype}; only floating point is supported")
-                if id(p) in seen:
-                    raise ValueError(
-                        f"parameter {self._param_names.get(id(p), i)!r} appears more than once in params; "
-                        f"pass each parameter once"
-                    )
-                seen.add(id(p))
-                plist.append(p)
-            group["params"] = plist
-            group.pop("param_names", None)
-            _validate_group_options({k: v for k, v in group.items() if k in GROUP_OPTIONS})
-            out.append(group)
-        return out
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _validate_group_options({k: v for k, v in param_group.items() if k in GROUP_OPTIONS})
+        param_group = dict(param_group)
+        raw = param_group.get("params")
+        if isinstance(raw, Tensor):
+            raw = [raw]
+        names = getattr(self, "_param_names", {})
+        if raw is not None:
+            raw = list(raw.parameters()) if isinstance(raw, nn.Module) else list(raw)
+            for i, p in enumerate(raw):
+                check_parameter(p, repr(names.get(id(p), f"{i} of the new group")))
+            param_group["params"] = raw
+        validate_group_options({k: v for k, v in param_group.items() if k in GROUP_OPTIONS})
         super().add_param_group(param_group)
         if hasattr(self, "_health"):  # after construction: plan the new group's parameters
             self._build_plan(only_group=len(self.param_groups) - 1)
@@ -255,16 +217,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"estimator {self.estimator.name!r} planned blocks that do not cover every parameter exactly once"
             )
-        start = len(self._blocks)
+        for b in blocks:
+            if b.numel == 0:  # a zero-element parameter: nothing to precondition
+                b.factored = tuple(False for _ in b.shape)
+                b.rule = (b.rule + ", " if b.rule else "") + "no elements: plain momentum"
         self._blocks.extend(blocks)
-        for bi in range(start, len(self._blocks)):
-            self._health[bi] = new_health()
-        self._block_of_param = {id(p): bi for bi, b in enumerate(self._blocks) for p in b.params}
-        if self._evidence.layer_io:
-            if self._recorder is not None:
-                self._recorder.remove()
-            modules = [b.module for b in self._blocks if b.module is not None]
-            self._recorder = LayerRecorder(modules, root=self.model, keep_outputs=self._evidence.layer_outputs)
+        self._health.add_blocks([b.name for b in blocks])
+        self._group_of_param = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        self._shapes = [tuple(tuple(p.shape) for p in b.params) for b in self._blocks]
+        self._collector.plan_changed()
 
     # ------------------------------------------------------------------ public introspection
     @property
@@ -285,18 +246,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     @property
     def step_count(self) -> int:
         """Completed :meth:`step` calls (the step index :math:`t` of the next step)."""
-        return self._step_count
+        return self._run.step
 
     def block_plan(self) -> BlockPlan:
-        """The block plan (``print(opt.block_plan())`` shows a table)."""
+        """The block plan (``print(opt.block_plan())`` shows a table and the curvature coverage)."""
         return BlockPlan(list(self._blocks))
 
     def health(self) -> dict[str, dict[str, int]]:
-        """Per-block counters of numerical fallbacks (see :mod:`curvkit.safeguards`)."""
-        return {b.name: dict(self._health[i]) for i, b in enumerate(self._blocks)}
+        """Per-block counters of numerical fallbacks and misuse (see :mod:`curvkit.safeguards`).
+
+        Reading them synchronises with the device (the counters of device-side faults live
+        there) and emits the pending warnings.
+        """
+        totals = self._health.sync(stacklevel=3)
+        return {b.name: totals[i] for i, b in enumerate(self._blocks)}
 
     def block_state(self, block: Block | int) -> dict[str, Any]:
         """The state dict of one block (statistics, inverses, momentum)."""
+        self._collector.flush()
         if isinstance(block, int):
             block = self._blocks[block]
         return self._state_of(block)
@@ -304,94 +271,67 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def statistics_due(self, group: int = 0) -> bool:
         """Whether statistics are due for param group ``group`` at the current step."""
         g = self.param_groups[group]
-        t = self._step_count
-        if t == 0 and self._warm_started:
+        t = self._run.step
+        if t == 0 and self._run.warm_started:
             return False
         return t % g["curvature_every"] == 0
 
     def _inverse_due(self, group: dict[str, Any]) -> bool:
-        t, t1, t2 = self._step_count, group["curvature_every"], group["invert_every"]
+        t, t1, t2 = self._run.step, group["curvature_every"], group["invert_every"]
         return t % t2 == 0 or (t < t2 and t % t1 == 0)
+
+    def close(self) -> None:
+        """Remove the layer hooks this optimizer registered on the model (also done when the
+        optimizer is garbage collected). The optimizer must not step afterwards."""
+        self._collector.close()
 
     # ------------------------------------------------------------------ state
     def _state_of(self, block: Block) -> dict[str, Any]:
-        state = self.state[block.params[0]]
-        if not state:
-            state["estimator"] = self.estimator.init_state(block)
-            state["preconditioner"] = self.preconditioner.init_state(block)
-            state["inverses"] = None
-            state["momentum"] = None
-        return state
+        return self._states(block)
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self._seed + len(self._generators))
-            self._generators[key] = gen
-        return gen
+        return self._collector.generator(device)
 
-    # ------------------------------------------------------------------ evidence
     def _due_blocks(self) -> list[int]:
         due_groups = {gi for gi in range(len(self.param_groups)) if self.statistics_due(gi)}
         return [bi for bi, b in enumerate(self._blocks) if b.group in due_groups]
 
-    def _feed(self, block_ids: Sequence[int], grads_by_param: dict[int, Tensor | None], *, decay: float | None = None, batch_size: int | None = None) -> None:
-        blocks = [self._blocks[bi] for bi in block_ids]
-        evid = [[grads_by_param.get(id(p)) for p in b.params] for b in blocks]
-        flags = []
-        for gl in evid:
-            present = [g for g in gl if g is not None]
-            flags.append(torch.stack([torch.isfinite(g).all() for g in present]).all() if present else None)
-        real = [f for f in flags if f is not None]
-        ok_list = torch.stack(real).tolist() if real else []
-        it = iter(ok_list)
-        for bi, b, gl, f in zip(block_ids, blocks, evid, flags):
-            if f is None:
+    def _repair_state(self, block_ids: Sequence[int], *, reason: str) -> list[int]:
+        """Restart non-finite statistics and reset non-finite momentum of ``block_ids`` (one
+        host read per device for all of them); returns the ids of the blocks repaired."""
+        checks: list[tuple[int, str, Tensor]] = []
+        for bi in block_ids:
+            state = self._state_of(self._blocks[bi])
+            stats = [t for t in tensors_in(state["estimator"]) if t.is_floating_point()]
+            if stats and not self.estimator.heals_statistics:
+                checks.append((bi, "statistics", torch.stack([torch.isfinite(t).all() for t in stats]).all()))
+            if isinstance(state.get("momentum"), Tensor):
+                checks.append((bi, "momentum", torch.isfinite(state["momentum"]).all()))
+        if not checks:
+            return []
+        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        for i, (_, _, flag) in enumerate(checks):
+            by_device[flag.device].append(i)
+        flags = [True] * len(checks)
+        for device, idx in by_device.items():
+            for i, ok in zip(idx, torch.stack([checks[i][2] for i in idx]).tolist()):
+                flags[i] = ok
+        repaired = []
+        for (bi, what, _), ok in zip(checks, flags):
+            if ok:
                 continue
-            if not next(it):
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(f"non-finite curvature evidence for block {b.name!r} at step {self._step_count}")
-                self._health[bi]["skipped_nonfinite_evidence"] += 1
-                self._warn_once("evidence", "non-finite curvature evidence; statistics update skipped")
-                continue
-            self.estimator.update(
-                b, self._state_of(b)["estimator"],
-                BlockEvidence(gradients=gl, layer=self._recorder, batch_size=batch_size),
-                decay=decay,
-            )
-            self._ever_had_stats = True
-        if self.sync_statistics:
-            self._all_reduce_statistics(block_ids)
+            b = self._blocks[bi]
+            state = self._state_of(b)
+            if what == "statistics":
+                state["estimator"] = self.estimator.init_state(b)
+                self._health.count(bi, "statistics_restarted")
+            else:
+                state["momentum"].zero_()
+                self._health.count(bi, "momentum_reset")
+            repaired.append(bi)
+        return repaired
 
-    def _all_reduce_statistics(self, block_ids: Sequence[int]) -> None:
-        """Average every floating-point statistic of ``block_ids`` over the ranks (one
-        all-reduce per dtype and device)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "sync_statistics=True needs an initialised torch.distributed process group "
-                "(torch.distributed.init_process_group) before the first statistics update"
-            )
-        tensors = [
-            t for bi in block_ids for t in tensors_in(self._state_of(self._blocks[bi])["estimator"])
-            if t.is_floating_point()
-        ]
-        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for t in tensors:
-            buckets.setdefault((t.dtype, t.device), []).append(t)
-        world = dist.get_world_size()
-        for group in buckets.values():
-            flat = torch.cat([t.reshape(-1) for t in group])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for t in group:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
-
+    # ------------------------------------------------------------------ evidence
     def update_curvature(
         self,
         outputs: Tensor | None = None,
@@ -399,22 +339,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         *,
         grads: Sequence[Tensor | None] | None = None,
         reduction: str | None = None,
+        **loss_options: Any,
     ) -> bool:
         r"""Collect curvature evidence for this step, if statistics are due.
 
         Call it after the forward pass and *before* ``loss.backward()``: it samples one target
         per example from the model's predictive distribution (``loss`` names the likelihood, see
-        :mod:`curvkit.fisher`), differentiates the batch-mean sampled loss with
-        :func:`torch.autograd.grad` through the same graph (retained for your backward), and feeds
-        the estimator. On steps with no statistics due it returns ``False`` at once and retains
-        nothing. For estimators that read the minibatch gradient it is a no-op (they collect in
-        :meth:`step`).
+        :mod:`curvkit.fisher`; extra keyword options such as ``class_dim`` go to it),
+        differentiates the batch-mean sampled loss with :func:`torch.autograd.grad` through the
+        same graph (retained for your backward), and hands the result to the estimator. On steps
+        with no statistics due it returns ``False`` at once and retains nothing. For estimators
+        that read the minibatch gradient it is a no-op (they collect in :meth:`step`).
+
+        Gradient accumulation: call it once per micro-batch; for estimators that read parameter
+        gradients the evidence is the batch-size weighted mean over the micro-batches, fed when
+        :meth:`step` runs (as if the whole batch had been one).
 
         Low-level form: ``update_curvature(grads=[...])`` feeds one curvature gradient per
         parameter (in parameter order across groups; ``None`` to skip one) directly.
 
         Returns:
-            ``True`` if statistics were updated.
+            ``True`` if evidence was collected.
         """
         if grads is not None:
             if outputs is not None or loss is not None:
@@ -429,45 +374,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             due = self._due_blocks()
             if not due:
                 return False
-            self._feed(due, {id(p): g for p, g in zip(params, grads)})
-            self._stats_taken_at = self._step_count
+            self._collector.gradients(grads, params, due)
             return True
         if self._evidence.source is not Source.SAMPLED:
             return False
+        loss = self.default_loss if loss is None else loss
         if outputs is None or loss is None:
             raise ValueError("update_curvature needs outputs and loss= (or grads=[...])")
         due = self._due_blocks()
         if not due:
             return False
-        if self._stats_taken_at == self._step_count:
-            raise RuntimeError("update_curvature was already called for this step; call it once per step")
-        if not isinstance(outputs, Tensor) or outputs.grad_fn is None:
-            raise RuntimeError(
-                "update_curvature needs the model outputs with their autograd graph: call it after the "
-                "forward pass, outside torch.no_grad(), and before loss.backward()"
-            )
-        params = [p for bi in due for p in self._blocks[bi].params if p.requires_grad]
-        if not params:
-            return False
-        value = sampled_loss(outputs, loss, reduction=reduction, generator=self._generator(outputs.device))
-        try:
-            with self.estimator.capture(), self._phase("sampled"):
-                grads_out = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        except RuntimeError as exc:
-            if "second time" in str(exc) or "freed" in str(exc):
-                raise RuntimeError(
-                    "update_curvature could not differentiate through the forward graph because it was "
-                    "already freed: call opt.update_curvature(outputs, loss=...) before loss.backward()"
-                ) from exc
-            raise
-        self._feed(due, {id(p): g for p, g in zip(params, grads_out)}, batch_size=outputs.shape[0])
-        self._stats_taken_at = self._step_count
-        return True
+        return self._collector.sampled(outputs, loss, due, reduction=reduction, **loss_options)
 
     def _phase(self, name: str):
-        from contextlib import nullcontext
+        return self._collector.phase(name)
 
-        return self._recorder.phase(name) if self._recorder is not None else nullcontext()
+    @property
+    def _recorder(self):
+        return self._collector.recorder
 
     @torch.no_grad()
     def warm_start(
@@ -489,38 +413,43 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             The number of batches used.
         """
         check_positive_int("max_batches", max_batches, allow_none=True)
-        sampled = self._evidence.source is Source.SAMPLED
-        if sampled and loss is None:
-            raise ValueError("warm_start with sampled evidence needs loss= (for example 'cross_entropy')")
-        all_ids = list(range(len(self._blocks)))
-        params = [p for b in self._blocks for p in b.params if p.requires_grad]
-        n = 0
-        for batch in batches:
-            if max_batches is not None and n >= max_batches:
-                break
-            with torch.enable_grad():
-                out = forward(batch)
-                value = sampled_loss(out, loss, reduction=reduction, generator=self._generator(out.device)) if sampled else out
-                with self.estimator.capture(), self._phase("sampled" if sampled else "minibatch"):
-                    grads = torch.autograd.grad(value, params, allow_unused=True)
-            self._feed(all_ids, {id(p): g for p, g in zip(params, grads)}, decay=n / (n + 1))
-            n += 1
-        if n == 0:
-            raise ValueError("warm_start got no batches")
-        self._warm_started = self._step_count == 0
-        return n
+        loss = self.default_loss if loss is None else loss
+        return self._collector.warm_start(batches, forward, loss=loss, reduction=reduction, max_batches=max_batches)
 
     # ------------------------------------------------------------------ step
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"curvkit: {message} (see opt.health())", CurvkitWarning, stacklevel=3)
+    def _check_stale(self) -> None:
+        """Statistics due but no evidence this step: count, warn once (or raise when strict)."""
+        run = self._run
+        if self._evidence.source is not Source.SAMPLED or run.stats_taken_at == run.step:
+            return
+        due = self._due_blocks()
+        if not due:
+            return
+        if run.stats_taken_at < 0 and not run.warm_started:
+            raise RuntimeError(
+                f"estimator {self.estimator.name!r} has no curvature statistics at the first step: call "
+                f"opt.update_curvature(outputs, loss=...) after the forward pass and before loss.backward() "
+                f"(or opt.warm_start(...) before training)"
+            )
+        if self.strict:
+            raise RuntimeError(
+                f"statistics were due at step {run.step} but step() found no new curvature evidence: call "
+                f"opt.update_curvature(outputs, loss=...) before loss.backward() on every step where "
+                f"opt.statistics_due() (strict=True)"
+            )
+        run.stale_steps += 1
+        for bi in due:
+            self._health.count(bi, "missing_statistics")
+        self._health.warn_once("missing_statistics", _stale_message(run.step), stacklevel=4)
 
     def _compute_inverses(self, block_ids: Sequence[int]) -> None:
+        repaired = self._repair_state(block_ids, reason="inversion")
         requests = []
         for bi in block_ids:
             b = self._blocks[bi]
             state = self._state_of(b)
+            if bi in repaired and state["inverses"] is not None:
+                continue  # restarted statistics: keep the last good inverses until new evidence
             factors = self.estimator.factors(b, state["estimator"], damping=self.param_groups[b.group]["damping"])
             if factors is None:
                 continue
@@ -532,10 +461,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if f is not None:
                     prev = previous[mode] if previous is not None else None
                     requests.append(InversionRequest((bi, mode), f, b.order, prev))
-            state["inverses"] = [None] * len(factors)
+            state["inverses"] = [None] * len(factors) if previous is None else list(previous)
+            for mode, f in enumerate(factors):
+                if f is None:
+                    state["inverses"][mode] = None
         if not requests:
             return
-        results = invert_all(self.inverter, requests, self._health, self._warned)
+        results = invert_all(self.inverter, requests, self._health)
         refreshed: set[int] = set()
         for (bi, mode), inv in results.items():
             state = self._state_of(self._blocks[bi])
@@ -546,134 +478,123 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 inv = EigenBasis(inv[0], inv[1], state["inverse_version"])
             state["inverses"][mode] = inv
 
+    def _check_params(self, active: Sequence[int]) -> None:
+        for bi in active:
+            b = self._blocks[bi]
+            for p, shape in zip(b.params, self._shapes[bi]):
+                if tuple(p.shape) != shape:
+                    raise ValueError(
+                        f"parameter {b.name!r} changed shape from {shape} to {tuple(p.shape)} since the "
+                        f"optimizer was built; rebuild the optimizer (or add_param_group) after resizing"
+                    )
+                g = p.grad
+                if g is not None and g.is_sparse:
+                    raise RuntimeError(
+                        f"parameter {b.name!r} has a sparse gradient; curvkit needs dense gradients "
+                        f"(use a dense embedding or a sparse-aware optimizer for it)"
+                    )
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:
         """Perform one optimisation step (see the module docstring for the order of work).
 
         Args:
-            closure: re-evaluates the model and returns the loss. Called first (as in
-                :mod:`torch.optim`) unless the estimator needs it after the update (K-BFGS), in
-                which case it is called after the update on the same batch (and also first when
-                no fresh gradient is present, so a closure-only loop works). The gradients of
-                that after-update call are discarded: ``p.grad`` keeps the step's gradient, and
-                the next step treats it as stale unless a backward pass changed it.
+            closure: re-evaluates the model. Two forms:
+
+                * the :mod:`torch.optim` form: zero the gradients, forward, backward, return the
+                  loss. Called first, unless the estimator needs it after the update (K-BFGS), in
+                  which case it is called after the update on the same batch (and also first
+                  when no fresh gradient is present, so a closure-only loop works). The gradients
+                  of that after-update call are discarded.
+                * the curvature form: forward only, returning ``(outputs, loss)``; the optimizer
+                  zeroes the gradients, runs the sampled pass when statistics are due (with the
+                  ``loss=`` likelihood given at construction) and ``loss.backward()``.
         """
-        loss = None
+        loss = self._run_closure_first(closure)
+        t = self._run.step
+        active = [bi for bi, b in enumerate(self._blocks) if any(p.grad is not None for p in b.params)]
+        self._check_params(active)
+
+        # 1. evidence: the minibatch gradient (when the estimator reads it), pending micro-batches
+        if self._evidence.source is Source.MINIBATCH and self._run.stats_taken_at != t:
+            due = set(self._due_blocks())
+            ids = [bi for bi in active if bi in due]
+            if ids:
+                self._collector.feed(ids, {id(p): p.grad for bi in ids for p in self._blocks[bi].params})
+                self._run.stats_taken_at = t
+        self._collector.flush()
+        self._check_stale()
+
+        # 2. inverses where due (this is the step's only host synchronisation)
+        due_inv = [bi for bi, b in enumerate(self._blocks) if self._inverse_due(self.param_groups[b.group])]
+        if due_inv:
+            self._compute_inverses(due_inv)
+
+        # 3. momentum, direction, update (batched, masked on the device)
+        blocks = [self._blocks[bi] for bi in active]
+        states = [self._state_of(b) for b in blocks]
+        if self.estimator.factors_are_inverses:
+            inverses = []
+            for b, s in zip(blocks, states):
+                factors = self.estimator.factors(b, s["estimator"], damping=self.param_groups[b.group]["damping"])
+                inverses.append(None if factors is None else [None if f is None else f.matrix for f in factors])
+        else:
+            inverses = [s["inverses"] for s in states]
+        self._update(
+            blocks, active, states, inverses,
+            group_of=lambda p: self.param_groups[self._group_of_param[id(p)]],
+            schedule_group=[self.param_groups[b.group] for b in blocks],
+            step=t,
+        )
+        self._run.step += 1
+        if due_inv:
+            self._health.sync(stacklevel=3)
+
+        # 4. a second evaluation at the new parameters, when the estimator needs it
+        if self._evidence.closure:
+            self._after_step(closure)
+        return loss
+
+    def _run_closure_first(self, closure: Callable[[], Any] | None) -> Any:
         needs_after = self._evidence.closure
         if needs_after and closure is None:
             raise RuntimeError(
                 f"estimator {self.estimator.name!r} needs a closure: opt.step(closure) where closure "
                 f"re-evaluates the loss on the same batch (zero_grad, forward, backward, return loss)"
             )
-        if closure is not None and (not needs_after or not self._has_fresh_grads()):
+        if closure is None or (needs_after and self._has_fresh_grads()):
+            return None
+        with torch.enable_grad():
+            result = closure()
+            if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Tensor):
+                outputs, loss = result
+                self.zero_grad()
+                if self._evidence.source is Source.SAMPLED and self._due_blocks() and self._run.stats_taken_at != self._run.step:
+                    if self.default_loss is None:
+                        raise ValueError(
+                            "step(closure) got (outputs, loss) from the closure, which asks for the sampled "
+                            "pass: build the optimizer with loss='cross_entropy' (or another likelihood)"
+                        )
+                    self.update_curvature(outputs, self.default_loss)
+                loss.backward()
+                return loss
+            return result
+
+    def _after_step(self, closure: Callable[[], Any]) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = [p.grad for p in params]
+        for p in params:  # the closure's backward must not touch the step's gradients
+            p.grad = None
+        try:
             with torch.enable_grad():
-                loss = closure()
-        t = self._step_count
-
-        # 1. gradients: find blocks with a gradient and check finiteness (one host sync)
-        active: list[int] = []
-        flags = []
-        for bi, b in enumerate(self._blocks):
-            grads = [p.grad for p in b.params]
-            present = [g for g in grads if g is not None]
-            if not present:
-                continue
-            for g, p in zip(grads, b.params):
-                if g is not None and g.is_sparse:
-                    raise RuntimeError(
-                        f"parameter {b.name!r} has a sparse gradient; curvkit needs dense gradients "
-                        f"(use a dense embedding or a sparse-aware optimizer for it)"
-                    )
-            active.append(bi)
-            flags.append(torch.stack([torch.isfinite(g).all() for g in present]).all())
-        finite = torch.stack(flags).tolist() if flags else []
-        good: list[int] = []
-        for bi, ok in zip(active, finite):
-            if ok:
-                good.append(bi)
-                continue
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"non-finite gradient in block {self._blocks[bi].name!r} at step {t}")
-            self._health[bi]["skipped_nonfinite_grad"] += 1
-            self._warn_once("grad", "non-finite gradient; the block's update was skipped")
-
-        # 2. statistics from the minibatch gradient, when the estimator reads it
-        if self._evidence.source is Source.MINIBATCH and self._stats_taken_at != t:
-            due = set(self._due_blocks())
-            ids = [bi for bi in good if bi in due]
-            if ids:
-                self._feed(ids, {id(p): p.grad for bi in ids for p in self._blocks[bi].params})
-                self._stats_taken_at = t
-        if self._stats_taken_at < 0 and not self._warm_started and self._evidence.source is Source.SAMPLED:
-            raise RuntimeError(
-                f"estimator {self.estimator.name!r} has no curvature statistics at the first step: call "
-                f"opt.update_curvature(outputs, loss=...) after the forward pass and before loss.backward() "
-                f"(or opt.warm_start(...) before training)"
-            )
-
-        # 3. inverses where due
-        due_inv = [bi for bi, b in enumerate(self._blocks) if self._inverse_due(self.param_groups[b.group])]
-        if due_inv:
-            self._compute_inverses(due_inv)
-
-        # 4. momentum, direction, update
-        directions: list[tuple[int, list[Tensor]]] = []
-        dflags = []
-        for bi in good:
-            b = self._blocks[bi]
-            group = self.param_groups[b.group]
-            state = self._state_of(b)
-            work = statistics_dtype(b.params[0].dtype)
-            g = b.to_view([torch.zeros_like(p) if p.grad is None else p.grad for p in b.params]).to(work)
-            mu, keep = group["momentum"], 1.0 - group.get("dampening", 0.0)
-            buf = state["momentum"]
-            if mu == 0:
-                buf = g if keep == 1.0 else keep * g
-            elif buf is None:
-                buf = state["momentum"] = g.clone() if keep == 1.0 else keep * g
-            else:
-                buf.mul_(mu).add_(g, alpha=keep)
-            direction = self.preconditioner.apply(
-                b, state["preconditioner"], buf, state["inverses"], gradient=g
-            )
-            directions.append((bi, b.from_view(direction)))
-            dflags.append(torch.isfinite(direction).all())
-        dfinite = torch.stack(dflags).tolist() if dflags else []
-        for (bi, parts), ok in zip(directions, dfinite):
-            b = self._blocks[bi]
-            if not ok:
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(f"non-finite direction in block {b.name!r} at step {t}")
-                self._health[bi]["skipped_nonfinite_direction"] += 1
-                self._warn_once("direction", "non-finite preconditioned direction; the block's update was skipped")
-                continue
-            group = self.param_groups[b.group]
-            lr, wd = group["lr"], group["weight_decay"]
-            for p, d in zip(b.params, parts):
-                if p.grad is None:
-                    continue
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(d.to(p.dtype), alpha=-lr)
-        self._step_count += 1
-
-        # 5. a second evaluation at the new parameters, when the estimator needs it
-        if needs_after:
-            params = [p for g in self.param_groups for p in g["params"]]
-            grads = [p.grad for p in params]
-            for p in params:  # the closure's backward must not touch the step's gradients
-                p.grad = None
-            try:
-                with torch.enable_grad():
-                    self.estimator.after_step(
-                        self._blocks, [self._state_of(b)["estimator"] for b in self._blocks],
-                        closure=closure, recorder=self._recorder,
-                    )
-            finally:
-                for p, g in zip(params, grads):
-                    p.grad = g
-            self._used_grads = {id(p): (weakref.ref(g), g._version) for p, g in zip(params, grads) if g is not None}
-        return loss
+                self.estimator.after_step(
+                    self._blocks, [self._state_of(b)["estimator"] for b in self._blocks],
+                    closure=closure, recorder=self._collector.recorder,
+                )
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+        self._used_grads = {id(p): (weakref.ref(g), g._version) for p, g in zip(params, grads) if g is not None}
 
     def _has_fresh_grads(self) -> bool:
         """Whether some parameter holds a gradient that the last step did not already use (a new
@@ -689,74 +610,41 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state_dict
     def _method_signature(self) -> dict[str, Any]:
-        return {
-            "estimator": {"name": self.estimator.name, "config": self.estimator.config.to_dict()},
-            "preconditioner": {"name": self.preconditioner.name, "config": self.preconditioner.config.to_dict()},
-            "inverter": {"name": self.inverter.name, "config": self.inverter.config.to_dict()},
-        }
+        return checkpoint.method_signature(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """A state dict of tensors and plain Python values (``torch.load(weights_only=True)``
-        reads it) holding everything the next step needs."""
-        sd = super().state_dict()
-        sd["state"] = {}
-        sd["curvkit"] = {
-            "format": _STATE_FORMAT,
-            "method": self._method_signature(),
-            "step": self._step_count,
-            "stats_taken_at": self._stats_taken_at,
-            "ever_had_stats": self._ever_had_stats,
-            "warm_started": self._warm_started,
-            "seed": self._seed,
-            "generators": {k: g.get_state() for k, g in self._generators.items()},
-            "blocks": [
-                {"name": b.name, "shape": list(b.shape), "state": self._state_of(b), "health": dict(self._health[i])}
-                for i, b in enumerate(self._blocks)
-            ],
-        }
-        return sd
+        """The state in torch's per-parameter layout (see :mod:`curvkit.engine.checkpoint`):
+        tensors and plain Python values that ``torch.load(weights_only=True)`` reads. Pending
+        micro-batch evidence is fed first and non-finite statistics are restarted (counted), so
+        a checkpoint never holds them."""
+        self._collector.flush()
+        self._repair_state(list(range(len(self._blocks))), reason="save")
+        return checkpoint.save(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; raises ``ValueError`` if it was saved by a
-        different method or for a different parameter layout."""
-        sd = dict(state_dict)
-        extra = sd.pop("curvkit", None)
-        if not isinstance(extra, dict) or extra.get("format") != _STATE_FORMAT:
-            raise ValueError("not a curvkit optimizer state dict (missing or unknown 'curvkit' entry)")
-        mine, saved = self._method_signature(), extra["method"]
-        for part in ("estimator", "preconditioner", "inverter"):
-            if saved[part]["name"] != mine[part]["name"]:
-                raise ValueError(
-                    f"state dict was saved with {part} {saved[part]['name']!r}, this optimizer uses "
-                    f"{mine[part]['name']!r}: load it into an optimizer of the same method"
-                )
-        blocks = extra["blocks"]
-        if len(blocks) != len(self._blocks) or any(
-            s["name"] != b.name or tuple(s["shape"]) != b.shape for s, b in zip(blocks, self._blocks)
-        ):
-            have = [(b.name, b.shape) for b in self._blocks]
-            got = [(s["name"], tuple(s["shape"])) for s in blocks]
-            raise ValueError(f"state dict has a different block layout: saved {got}, optimizer has {have}")
-        for saved_block, b in zip(blocks, self._blocks):
-            self.estimator.check_state(b, saved_block["state"]["estimator"])
-        sd["state"] = {}
-        super().load_state_dict(sd)
-        for i, (saved_block, b) in enumerate(zip(blocks, self._blocks)):
-            device = b.params[0].device
-            self.state[b.params[0]] = _copy_to(saved_block["state"], device)
-            self._health[i] = dict(saved_block["health"])
-        self._step_count = int(extra["step"])
-        self._stats_taken_at = int(extra["stats_taken_at"])
-        self._ever_had_stats = bool(extra["ever_had_stats"])
-        self._warm_started = bool(extra["warm_started"])
-        self._seed = int(extra["seed"])
-        self._generators = {}
-        for key, gstate in extra["generators"].items():
-            gen = torch.Generator(device=key)
-            gen.set_state(gstate.cpu() if isinstance(gstate, Tensor) else gstate)
-            self._generators[key] = gen
+        """Restore a state from :meth:`state_dict`, matching blocks by position and view shape.
+
+        Raises ``ValueError`` if it was saved by a different method, with options that change
+        the meaning of the state, or for a different layout; warns (or, with ``strict=True``,
+        raises) when it holds non-finite statistics.
+        """
+        checkpoint.load(self, state_dict, strict=self.strict)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_finalizer", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_collector" in state:
+            self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
 
 
-def _copy_to(value: Any, device: torch.device) -> Any:
-    """Deep copy of a state value, tensors cloned onto ``device`` with their dtype kept."""
-    return map_tensors(lambda t: t.detach().to(device=device, copy=True), value)
+def _stale_message(step: int) -> str:
+    return (
+        f"statistics were due at step {step} but step() found no new curvature evidence: call "
+        f"opt.update_curvature(outputs, loss=...) before loss.backward() on every step where "
+        f"opt.statistics_due() (otherwise the curvature goes stale); strict=True raises instead"
+    )

@@ -1,10 +1,14 @@
 r"""Numerical safeguards: batched inversion with retries, and per-block health counters.
 
-Inversion policy, per factor: the inverter runs on a batch of same-size factors; any factor whose
-result is not finite (or whose batch raised) is retried alone in float64, then with 10x and 100x
-the damping; if all of that fails the block keeps its last good inverse (or, before it has one, an
-identity on that mode). Inputs that are themselves not finite go straight to the last good inverse.
-Every fallback is counted in the block's health counters and warned about the first time.
+Inversion policy, per factor: the inverter runs on a batch of same-size factors. If the batched
+call raises (a decomposition that did not converge), each factor of the batch is retried alone in
+the working dtype, so one bad factor never sends its batch-mates to float64. A factor whose result
+is still not finite (or whose call raised) is retried alone in float64, then with 10x and 100x the
+damping; if all of that fails the block keeps its last good inverse (or, before it has one, an
+identity on that mode). Inputs that are themselves not finite go straight to the last good
+inverse. Every fallback is counted in the block's health counters and warned about the first
+time. The finiteness checks read one flag per factor on the host: inversion steps synchronise
+(once per batch), ordinary steps do not.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .interfaces import Factor, Inverter
 
 __all__ = ["CurvkitWarning", "HEALTH_COUNTERS", "InversionRequest", "invert_all", "new_health"]
 
+
 #: The per-block counters of :meth:`curvkit.CurvatureOptimizer.health`.
 HEALTH_COUNTERS = (
     "skipped_nonfinite_grad",  # steps whose update was skipped because the gradient was not finite
@@ -29,6 +34,10 @@ HEALTH_COUNTERS = (
     "inverse_retry_float64",  # factors that needed the float64 retry
     "inverse_extra_damping",  # factors that needed more damping
     "inverse_kept_last",  # factors that kept their last good inverse (or identity)
+    "statistics_restarted",  # statistics found non-finite at an inversion step and restarted
+    "momentum_reset",  # momentum buffers found non-finite and reset to zero
+    "missing_statistics",  # statistics steps on which step() found no new evidence (stale curvature)
+    "missing_evidence",  # statistics updates in which a factored block got no evidence
 )
 
 
@@ -55,37 +64,51 @@ def _finite_rows(batch: Tensor) -> list[bool]:
     return torch.isfinite(batch).flatten(1).all(dim=1).tolist()
 
 
-def _invert_one(inverter: Inverter, matrix: Tensor, damping: Tensor, order: int) -> Tensor | None:
+def _invert_batch(inverter: Inverter, matrices: Tensor, damping: Tensor, order: Tensor) -> tuple[Any, list[bool]] | None:
+    """Run the inverter on a batch; ``(results, finite per row)`` or ``None`` if it raised."""
     try:
-        out = inverter.invert(
-            matrix.unsqueeze(0),
-            damping=damping.reshape(1),
-            order=torch.tensor([order], device=matrix.device),
-        )
+        out = inverter.invert(matrices, damping=damping, order=order)
     except (RuntimeError, torch.linalg.LinAlgError):
         return None
-    if isinstance(out, tuple):  # an eigenbasis: (vectors, values)
-        one = (out[0][0], out[1][0])
-        return one if all(bool(torch.isfinite(t).all()) for t in one) else None
-    out = out[0] if out.dim() == 3 else out
-    return out if bool(torch.isfinite(out).all()) else None
+    if isinstance(out, tuple):  # an eigenbasis inverter: (vectors, values)
+        ok = [a and b for a, b in zip(_finite_rows(out[0]), _finite_rows(out[1]))]
+        return list(zip(out[0], out[1])), ok
+    return out, _finite_rows(out)
+
+
+def _invert_one(inverter: Inverter, matrix: Tensor, damping: Tensor, order: int) -> Any:
+    result = _invert_batch(
+        inverter,
+        matrix.unsqueeze(0),
+        damping.reshape(1).to(matrix.dtype),
+        torch.tensor([order], device=matrix.device),
+    )
+    if result is None or not result[1][0]:
+        return None
+    return result[0][0]
 
 
 def invert_all(
     inverter: Inverter,
     requests: Sequence[InversionRequest],
-    health: dict[int, dict[str, int]],
-    warned: set[str],
-) -> dict[tuple[int, int], Tensor | None]:
+    health: Any,
+) -> dict[tuple[int, int], Any]:
     """Invert every requested factor, batching factors of equal size, dtype and device.
 
-    Returns ``{(block, mode): inverse or None}``; ``None`` means identity on that mode.
+    Args:
+        inverter: the inverter part.
+        requests: the factors to invert.
+        health: a :class:`~curvkit.engine.health.HealthMonitor` (``count`` and ``warn_once``).
+
+    Returns:
+        ``{(block, mode): inverse}``; an inverse is a tensor, a ``(vectors, values)`` pair for
+        eigenbasis inverters, the previous inverse, or ``None`` (identity on that mode).
     """
     groups: dict[tuple[Any, ...], list[InversionRequest]] = defaultdict(list)
     for req in requests:
         m = req.factor.matrix
         groups[(m.shape[-1], m.dtype, m.device)].append(req)
-    results: dict[tuple[int, int], Tensor | None] = {}
+    results: dict[tuple[int, int], Any] = {}
     for (_, dtype, device), reqs in groups.items():
         matrices = torch.stack([r.factor.matrix for r in reqs])
         damping = torch.stack(
@@ -93,61 +116,49 @@ def invert_all(
         )
         order = torch.tensor([r.order for r in reqs], device=device)
         input_ok = _finite_rows(torch.cat([matrices.flatten(1), damping[:, None]], dim=1))
-        try:
-            out = inverter.invert(matrices, damping=damping, order=order)
-            if isinstance(out, tuple):  # an eigenbasis inverter: (vectors, values)
-                ok = [a and b for a, b in zip(_finite_rows(out[0]), _finite_rows(out[1]))]
-                out = list(zip(out[0], out[1]))
-            else:
-                ok = _finite_rows(out)
-        except (RuntimeError, torch.linalg.LinAlgError):
-            out, ok = None, [False] * len(reqs)
+        batch = _invert_batch(inverter, matrices, damping, order) if all(input_ok) else None
+        if batch is None:  # raised (or bad inputs): one by one in the working dtype, no float64 yet
+            outs = [
+                _invert_one(inverter, r.factor.matrix, damping[i], r.order) if input_ok[i] else None
+                for i, r in enumerate(reqs)
+            ]
+            ok = [o is not None for o in outs]
+        else:
+            outs, ok = batch
         for i, req in enumerate(reqs):
             if ok[i] and input_ok[i]:
-                results[req.key] = out[i]
+                results[req.key] = outs[i]
                 continue
-            results[req.key] = _recover(inverter, req, input_ok[i], health, warned)
+            results[req.key] = _recover(inverter, req, input_ok[i], health)
     return results
 
 
-def _recover(
-    inverter: Inverter,
-    req: InversionRequest,
-    input_ok: bool,
-    health: dict[int, dict[str, int]],
-    warned: set[str],
-) -> Tensor | None:
-    counters = health[req.key[0]]
+def _recover(inverter: Inverter, req: InversionRequest, input_ok: bool, health: Any) -> Any:
+    block = req.key[0]
     matrix, dtype = req.factor.matrix, req.factor.matrix.dtype
     damping = torch.as_tensor(req.factor.damping, dtype=torch.float64, device=matrix.device).reshape(())
     if input_ok:
         m64 = matrix.to(torch.float64)
-        counters["inverse_retry_float64"] += 1
-        _warn_once(warned, "float64", "an inversion failed or was not finite; retried in float64")
+        health.count(block, "inverse_retry_float64")
+        health.warn_once("inverse_retry_float64", "an inversion failed or was not finite; retried in float64", stacklevel=5)
         out = _invert_one(inverter, m64, damping, req.order)
         if out is not None:
             return _cast(out, dtype)
-        counters["inverse_extra_damping"] += 1
-        _warn_once(warned, "damping", "an inversion failed in float64; retried with more damping")
+        health.count(block, "inverse_extra_damping")
+        health.warn_once("inverse_extra_damping", "an inversion failed in float64; retried with more damping", stacklevel=5)
         for factor in (10.0, 100.0):
             out = _invert_one(inverter, m64, damping * factor, req.order)
             if out is not None:
                 return _cast(out, dtype)
-    counters["inverse_kept_last"] += 1
-    _warn_once(
-        warned,
-        "kept",
+    health.count(block, "inverse_kept_last")
+    health.warn_once(
+        "inverse_kept_last",
         "a curvature factor could not be inverted (non-finite statistics or failed decomposition); "
         "keeping the block's last good inverse",
+        stacklevel=5,
     )
     return req.previous
 
 
 def _cast(out: Any, dtype: torch.dtype) -> Any:
     return tuple(t.to(dtype) for t in out) if isinstance(out, tuple) else out.to(dtype)
-
-
-def _warn_once(warned: set[str], key: str, message: str) -> None:
-    if key not in warned:
-        warned.add(key)
-        warnings.warn(f"curvkit: {message} (see opt.health())", CurvkitWarning, stacklevel=4)

@@ -84,7 +84,11 @@ def test_saved_state_must_fit_the_blocks():
     out.sum().backward()
     opt.step()
     sd = opt.state_dict()
-    a, b = sd["curvkit"]["blocks"][0]["state"], sd["curvkit"]["blocks"][1]["state"]
+    from curvkit.engine.checkpoint import block_states, set_block_state
+
+    a, b = block_states(sd)[:2]
     a["estimator"], b["estimator"] = b["estimator"], a["estimator"]
+    set_block_state(sd, 0, a)
+    set_block_state(sd, 1, b)
     with pytest.raises(ValueError, match="does not fit"):
         curvkit_kfac.KFAC(model).load_state_dict(sd)

@@ -75,6 +75,7 @@ class TensorNormal(CurvatureEstimator):
     """Per-mode Kronecker factors of the (sampled) gradient covariance, as in TNT."""
 
     Config = TensorNormalConfig
+    state_neutral_options = ("stat_decay",)
 
     @property
     def evidence(self) -> EvidenceSpec:
@@ -122,10 +123,19 @@ class TensorNormal(CurvatureEstimator):
         if decay is None:
             decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
         weight = 1.0 - decay
-        for i, s in enumerate(state["grams"]):
-            if s is not None:
-                s.mul_(decay).add_(mode_gram(g, i), alpha=weight)
-        state["trace"].mul_(decay).add_(torch.sum(g * g), alpha=weight)
+        if evidence.valid is not None:  # invalid evidence (zeros) leaves the statistics exactly as they were
+            invalid = ~evidence.valid
+            keep = torch.full((), decay, dtype=dtype, device=invalid.device).masked_fill_(invalid, 1.0)
+            take = torch.full((), weight, dtype=dtype, device=invalid.device).masked_fill_(invalid, 0.0)
+            for i, s in enumerate(state["grams"]):
+                if s is not None:
+                    s.mul_(keep).add_(mode_gram(g, i).mul_(take))
+            state["trace"].mul_(keep).add_(torch.sum(g * g) * take)
+        else:
+            for i, s in enumerate(state["grams"]):
+                if s is not None:
+                    s.mul_(decay).add_(mode_gram(g, i), alpha=weight)
+            state["trace"].mul_(decay).add_(torch.sum(g * g), alpha=weight)
         state["updates"] += 1
 
     def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:

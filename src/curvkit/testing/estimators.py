@@ -117,12 +117,15 @@ def _check_misuse(who: str, problem: Problem, make_opt, layer_io: bool, source: 
         opt.zero_grad()
         if not opt.update_curvature(out, loss=problem.loss):
             fail(who, "update_curvature returned False at step 0, when statistics are due")
-        try:
-            opt.update_curvature(out, loss=problem.loss)
+        try:  # a second micro-batch in the same step accumulates (or, for estimators that read
+            # layer records of one forward pass, raises RuntimeError saying so)
+            again = opt.update_curvature(out, loss=problem.loss)
         except RuntimeError:
             pass
         else:
-            fail(who, "a second update_curvature call in the same step did not raise RuntimeError")
+            if again is not True:
+                fail(who, "a second update_curvature call in the same step neither accumulated "
+                          "(returned True) nor raised RuntimeError")
     else:
         if opt.update_curvature(out, loss=problem.loss):
             fail(who, "update_curvature returned True for an estimator with minibatch evidence "
@@ -138,16 +141,22 @@ def _check_misuse(who: str, problem: Problem, make_opt, layer_io: bool, source: 
 
 
 def _check_state_validation(who: str, problem: Problem, make_opt, sd: dict) -> None:
+    from ..engine.checkpoint import block_states, set_block_state
+
     blocks = sd["curvkit"]["blocks"]
-    kron = [i for i, s in enumerate(blocks) if s["state"]["estimator"]]
+    saved = block_states(sd)
+    kron = [i for i, s in enumerate(saved) if s["estimator"]]
     pair = next(((i, j) for i in kron for j in kron
                  if i < j and tuple(blocks[i]["shape"]) != tuple(blocks[j]["shape"])), None)
     if pair is None:
         return
     i, j = pair
     bad = roundtrip(sd)
-    bi, bj = bad["curvkit"]["blocks"][i]["state"], bad["curvkit"]["blocks"][j]["state"]
+    states = block_states(bad)
+    bi, bj = states[i], states[j]
     bi["estimator"], bj["estimator"] = bj["estimator"], bi["estimator"]
+    set_block_state(bad, i, bi)
+    set_block_state(bad, j, bj)
     try:
         make_opt(problem.model()).load_state_dict(bad)
     except ValueError:
@@ -222,8 +231,8 @@ def check_estimator(
        shapes (``check_state_validation``);
     5. clear errors on misuse: ``ValueError`` without ``model=`` for ``layer_io`` estimators;
        for sampled evidence, ``ValueError`` for ``update_curvature`` without ``loss=``,
-       ``RuntimeError`` for a first ``step()`` without ``update_curvature`` and for a second
-       ``update_curvature`` in one step; ``update_curvature`` returns ``False`` for minibatch
+       ``RuntimeError`` for a first ``step()`` without ``update_curvature``; a second
+       ``update_curvature`` in one step accumulates (returns ``True``) or raises ``RuntimeError``; ``update_curvature`` returns ``False`` for minibatch
        evidence; ``RuntimeError`` for ``step()`` without a closure when one is needed;
     6. the explicit-decay contract of :meth:`~curvkit.CurvatureEstimator.update` (the warm
        start's exact mean): ``decay=0`` forgets earlier evidence, and averaging the same evidence

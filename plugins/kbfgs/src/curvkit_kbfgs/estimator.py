@@ -134,6 +134,8 @@ class KBFGSEstimator(CurvatureEstimator):
     linear_statistics = False
     #: H_g and H_a are already the inverse factors (compose with the identity inverter).
     factors_are_inverses = True
+    #: Non-finite statistics are detected from the update vectors and restarted here.
+    heals_statistics = True
 
     @property
     def evidence(self) -> EvidenceSpec:

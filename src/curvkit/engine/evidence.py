@@ -1,0 +1,346 @@
+r"""Collecting curvature evidence and feeding it to the estimator.
+
+Three sources, as the estimator's :class:`~curvkit.EvidenceSpec` declares:
+
+* **sampled** -- :meth:`EvidenceCollector.sampled` differentiates the batch-mean loss with targets
+  sampled from the model's predictive distribution through the user's forward graph (retained for
+  the user's own backward). Estimators that declare ``parameter_gradients=False`` (KFAC) get only
+  the layer-output gradients, through the recorder.
+* **minibatch** -- the ordinary gradient, read in ``step()``.
+* **layer records** -- a :class:`~curvkit.hooks.LayerRecorder` over the block modules.
+
+Gradient accumulation: for estimators that read parameter gradients, the sampled gradients of
+several ``update_curvature`` calls before one ``step()`` are accumulated as the batch-size
+weighted mean :math:`\bar g = \sum_i n_i g_i / \sum_i n_i` -- the sampled gradient of the whole
+batch -- and fed once, when ``step()`` runs (or when the state is inspected).
+
+Feeding is fault-tolerant without host reads: each block's evidence gets a device flag (finite
+or not, from one fused norm per dtype and device); non-finite evidence is replaced by zeros and
+the flag goes to the estimator as :attr:`~curvkit.BlockEvidence.valid`, and the fault is counted
+on the device.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..blocks import Block
+from ..fisher import LossSpec, sampled_loss
+from ..hooks import LayerRecorder
+from ..interfaces import BlockEvidence, CurvatureEstimator, Source
+from .health import HealthMonitor
+from .runstate import RunState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..distributed import Distributor
+
+__all__ = ["EvidenceCollector", "finite_flags"]
+
+
+def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
+    """One bool per tensor, ``True`` where every entry is finite (fused norms, no host read).
+
+    A norm overflows to ``inf`` only for entries beyond ~1e19 (float32), which count as faults.
+    """
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.dtype, t.device), []).append(i)
+    if len(buckets) == 1:
+        return torch.isfinite(torch.stack(torch._foreach_norm(list(tensors))))
+    device = tensors[0].device
+    out = torch.ones(len(tensors), dtype=torch.bool, device=device)
+    for idx in buckets.values():
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx]))
+        out[torch.tensor(idx, device=device)] = torch.isfinite(norms).to(device)
+    return out
+
+
+class EvidenceCollector:
+    """Collects evidence for the blocks and feeds the estimator.
+
+    Args:
+        estimator: the estimator part.
+        blocks: the optimizer's block list (shared, grows with ``add_param_group``).
+        states: ``block -> its estimator state`` accessor.
+        run: the shared per-step counters.
+        health: the health monitor.
+        model: the model (layer estimators).
+        nonfinite: ``"skip"`` or ``"raise"``.
+        seed: seed of the target-sampling generators.
+    """
+
+    def __init__(
+        self,
+        estimator: CurvatureEstimator,
+        blocks: list[Block],
+        states: Callable[[Block], dict[str, Any]],
+        run: RunState,
+        health: HealthMonitor,
+        *,
+        model: torch.nn.Module | None,
+        nonfinite: str,
+        seed: int,
+    ) -> None:
+        self.estimator = estimator
+        self.spec = estimator.evidence
+        self.blocks = blocks
+        self.states = states
+        self.run = run
+        self.health = health
+        self.model = model
+        self.nonfinite = nonfinite
+        self.seed = seed
+        self.generators: dict[str, torch.Generator] = {}
+        self.recorder: LayerRecorder | None = None
+        self.distributor: "Distributor | None" = None
+        self.sync_statistics = False
+        # pending (accumulated) sampled evidence: block ids, per-param weighted sums, total count
+        self._pending_ids: list[int] = []
+        self._pending: dict[int, Tensor] = {}
+        self._pending_n = 0
+        self._pending_step = -1
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["recorder"] = None  # hooks are rebuilt on the (copied) model
+        state["generators"] = {k: g.get_state() for k, g in self.generators.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        gens = state.pop("generators")
+        self.__dict__.update(state)
+        self.generators = {}
+        for key, gstate in gens.items():
+            gen = torch.Generator(device=key)
+            gen.set_state(gstate)
+            self.generators[key] = gen
+        self.plan_changed()
+
+    # ------------------------------------------------------------------ plumbing
+    def plan_changed(self) -> None:
+        """Rebuild the layer recorder after the block list changed."""
+        if not self.spec.layer_io:
+            return
+        if self.recorder is not None:
+            self.recorder.remove()
+        modules = [b.module for b in self.blocks if b.module is not None]
+        self.recorder = LayerRecorder(modules, root=self.model, keep_outputs=self.spec.layer_outputs)
+
+    def close(self) -> None:
+        """Remove the recorder's hooks."""
+        if self.recorder is not None:
+            self.recorder.remove()
+            self.recorder = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The sampling generator of ``device`` (seeded from the optimizer's seed)."""
+        key = str(device)
+        gen = self.generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed + len(self.generators))
+            self.generators[key] = gen
+        return gen
+
+    def phase(self, name: str):
+        """The recorder phase context (a no-op without a recorder)."""
+        return self.recorder.phase(name) if self.recorder is not None else nullcontext()
+
+    # ------------------------------------------------------------------ sampled evidence
+    def sampled(self, outputs: Tensor, loss: LossSpec, due: list[int], *, reduction: str | None, **loss_options: Any) -> bool:
+        """Run the sampled backward for blocks ``due`` (accumulating over micro-batches)."""
+        run = self.run
+        if self.sync_statistics and self.distributor is not None:
+            self.distributor.check_ready()
+        if run.stats_taken_at == run.step and not self._pending_ids:
+            raise RuntimeError(
+                "update_curvature was already called for this step and its evidence was already used "
+                "(the state was inspected or the estimator needs layer records per call); call it once "
+                "per micro-batch before step(), without inspecting the state in between"
+            )
+        if not isinstance(outputs, Tensor) or outputs.grad_fn is None:
+            raise RuntimeError(
+                "update_curvature needs the model outputs with their autograd graph: call it after the "
+                "forward pass, outside torch.no_grad(), and before loss.backward()"
+            )
+        params = [p for bi in due for p in self.blocks[bi].params if p.requires_grad]
+        if not params:
+            return False
+        value = sampled_loss(outputs, loss, reduction=reduction, generator=self.generator(outputs.device), **loss_options)
+        batch = int(outputs.shape[0]) if outputs.dim() > 0 else 1
+        try:
+            with self.estimator.capture(), self.phase("sampled"):
+                if self.spec.layer_io and not self.spec.parameter_gradients and hasattr(self.recorder, "differentiate"):
+                    self.recorder.differentiate(value)
+                    grads: Sequence[Tensor | None] = [None] * len(params)
+                else:
+                    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        except RuntimeError as exc:
+            if "second time" in str(exc) or "freed" in str(exc):
+                raise RuntimeError(
+                    "update_curvature could not differentiate through the forward graph because it was "
+                    "already freed: call opt.update_curvature(outputs, loss=...) before loss.backward()"
+                ) from exc
+            raise
+        by_param = {id(p): g for p, g in zip(params, grads)}
+        if self.spec.layer_io:  # layer records are per forward: feed now
+            if run.stats_taken_at == run.step:
+                raise RuntimeError(
+                    f"update_curvature was already called for this step; estimator {self.estimator.name!r} "
+                    f"reads layer records of one forward pass, so call it once per step"
+                )
+            self.feed(due, by_param, batch_size=batch)
+        else:
+            self._accumulate(due, by_param, batch)
+        run.stats_taken_at = run.step
+        return True
+
+    def _accumulate(self, due: list[int], by_param: dict[int, Tensor | None], n: int) -> None:
+        if not self._pending_ids:
+            self._pending_ids = list(due)
+            self._pending = {k: g for k, g in by_param.items() if g is not None}
+            self._pending_n = n
+            self._pending_step = self.run.step
+            self.run.pending_batches = 1
+            return
+        total = self._pending_n + n
+        if self.run.pending_batches == 1:  # first extra micro-batch: start weighted sums
+            for k in self._pending:
+                self._pending[k] = self._pending[k] * self._pending_n
+        for k, g in by_param.items():
+            if g is None:
+                continue
+            if k in self._pending:
+                self._pending[k].add_(g, alpha=n)
+            else:
+                self._pending[k] = g * n
+        self._pending_n = total
+        self.run.pending_batches += 1
+
+    def flush(self) -> None:
+        """Feed accumulated sampled evidence (the batch-size weighted mean) to the estimator."""
+        if not self._pending_ids:
+            return
+        ids, pending, n, batches = self._pending_ids, self._pending, self._pending_n, self.run.pending_batches
+        self._pending_ids, self._pending, self._pending_n = [], {}, 0
+        self.run.pending_batches = 0
+        if batches > 1:
+            for g in pending.values():
+                g.div_(n)
+        self.feed(ids, pending, batch_size=n)
+
+    def gradients(self, grads: Sequence[Tensor | None], params: Sequence[Tensor], due: list[int]) -> None:
+        """The low-level form: one curvature gradient per parameter, fed at once."""
+        self.flush()
+        self.feed(due, {id(p): g for p, g in zip(params, grads)})
+        self.run.stats_taken_at = self.run.step
+
+    # ------------------------------------------------------------------ feeding
+    def feed(
+        self,
+        block_ids: Sequence[int],
+        grads_by_param: dict[int, Tensor | None],
+        *,
+        decay: float | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        """Fold evidence into the statistics of ``block_ids`` (fault-tolerant, no host reads)."""
+        blocks = [self.blocks[bi] for bi in block_ids]
+        evid = [[grads_by_param.get(id(p)) for p in b.params] for b in blocks]
+        present = [(i, g) for i, gl in enumerate(evid) for g in gl if g is not None]
+        valid: list[Tensor | None] = [None] * len(blocks)
+        if present:
+            flags = finite_flags([g for _, g in present])
+            if self.nonfinite == "raise":
+                bad = (~flags).tolist()
+                for (i, _), b in zip(present, bad):
+                    if b:
+                        raise FloatingPointError(
+                            f"non-finite curvature evidence for block {blocks[i].name!r} at step {self.run.step}"
+                        )
+            per_block: dict[int, Tensor] = {}
+            for j, (i, _) in enumerate(present):
+                per_block[i] = flags[j] if i not in per_block else per_block[i] & flags[j]
+            ids = sorted(per_block)
+            ok = torch.stack([per_block[i] for i in ids])
+            self.health.count_device(
+                "skipped_nonfinite_evidence",
+                torch.tensor([block_ids[i] for i in ids], device=ok.device),
+                ~ok,
+            )
+            for i in ids:
+                valid[i] = per_block[i]
+                evid[i] = [None if g is None else torch.where(per_block[i], g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in evid[i]]
+        layer = self.recorder
+        with _no_autocast(blocks):
+            for bi, b, gl, v in zip(block_ids, blocks, evid, valid):
+                if not self.spec.layer_io and all(g is None for g in gl):
+                    continue
+                result = self.estimator.update(
+                    b, self.states(b), BlockEvidence(gradients=gl, layer=layer, batch_size=batch_size, valid=v), decay=decay
+                )
+                if result is False:
+                    self.health.count(bi, "missing_evidence")
+                    self.health.warn_once(
+                        "missing_evidence",
+                        f"block {b.name!r} is planned with curvature factors but got no evidence on a "
+                        f"statistics step (its layer was never called through its forward, or hooks did "
+                        f"not fire under torch.compile); it keeps stale statistics -- see opt.block_plan()",
+                        stacklevel=5,
+                    )
+                else:
+                    self.run.ever_had_stats = True
+        if self.sync_statistics and self.distributor is not None:
+            self.distributor.average_statistics([self.states(self.blocks[bi]) for bi in block_ids])
+
+    # ------------------------------------------------------------------ warm start
+    def warm_start(
+        self,
+        batches: Iterable[Any],
+        forward: Callable[[Any], Tensor],
+        *,
+        loss: LossSpec | None,
+        reduction: str | None,
+        max_batches: int | None,
+    ) -> int:
+        """Statistics = their exact mean over ``batches`` at the current parameters."""
+        sampled = self.spec.source is Source.SAMPLED
+        if sampled and loss is None:
+            raise ValueError("warm_start with sampled evidence needs loss= (for example 'cross_entropy')")
+        self.flush()
+        all_ids = list(range(len(self.blocks)))
+        params = [p for b in self.blocks for p in b.params if p.requires_grad]
+        n = 0
+        for batch in batches:
+            if max_batches is not None and n >= max_batches:
+                break
+            with torch.enable_grad():
+                out = forward(batch)
+                value = sampled_loss(out, loss, reduction=reduction, generator=self.generator(out.device)) if sampled else out
+                with self.estimator.capture(), self.phase("sampled" if sampled else "minibatch"):
+                    grads = torch.autograd.grad(value, params, allow_unused=True)
+            self.feed(all_ids, {id(p): g for p, g in zip(params, grads)}, decay=n / (n + 1))
+            n += 1
+        if n == 0:
+            raise ValueError("warm_start got no batches")
+        self.run.warm_started = self.run.step == 0
+        return n
+
+
+def _no_autocast(blocks: Sequence[Block]):
+    """Statistics are formed in float32 (or wider) even when the caller runs under autocast."""
+    if not blocks:
+        return nullcontext()
+    device_type = blocks[0].params[0].device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # older signature without a device type
+        enabled = torch.is_autocast_enabled()
+    return torch.autocast(device_type=device_type, enabled=False) if enabled else nullcontext()

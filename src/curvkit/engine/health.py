@@ -1,0 +1,131 @@
+r"""Health counters: every numerical fallback and misuse, counted per block.
+
+Faults found on the device during ordinary steps (non-finite gradients, evidence, directions)
+are counted in integer tensors on the device by masked additions, so a steady-state step never
+reads a tensor value on the host. The counts are read -- and a warning is emitted once per kind
+of fault -- only at *sync points*: :meth:`HealthMonitor.report` (``opt.health()``), and the end of
+steps that invert (which synchronise anyway). Faults decided on the host (inversion retries,
+statistics restarts, missing evidence) are counted directly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..safeguards import HEALTH_COUNTERS, CurvkitWarning
+
+__all__ = ["DEVICE_COUNTERS", "HealthMonitor", "MESSAGES"]
+
+#: Counters kept on the device (incremented by masks, read only at sync points).
+DEVICE_COUNTERS = ("skipped_nonfinite_grad", "skipped_nonfinite_evidence", "skipped_nonfinite_direction")
+
+#: The warning emitted (once per optimizer) the first time each counter moves.
+MESSAGES = {
+    "skipped_nonfinite_grad": "non-finite gradient; the block's update was skipped",
+    "skipped_nonfinite_evidence": "non-finite curvature evidence; statistics update skipped",
+    "skipped_nonfinite_direction": "non-finite preconditioned direction; the block's update was skipped",
+    "inverse_retry_float64": "an inversion failed or was not finite; retried in float64",
+    "inverse_extra_damping": "an inversion failed in float64; retried with more damping",
+    "inverse_kept_last": (
+        "a curvature factor could not be inverted (non-finite statistics or failed decomposition); "
+        "keeping the block's last good inverse"
+    ),
+    "statistics_restarted": (
+        "curvature statistics became non-finite (overflowing or non-finite evidence); they were "
+        "restarted from the next evidence and the block keeps its last good inverse"
+    ),
+    "momentum_reset": "a momentum buffer became non-finite; it was reset to zero",
+    "missing_statistics": (
+        "statistics were due but step() found no new curvature evidence: call "
+        "opt.update_curvature(outputs, loss=...) before loss.backward() on every step where "
+        "opt.statistics_due() (otherwise the curvature goes stale); strict=True raises instead"
+    ),
+    "missing_evidence": (
+        "a factored block got no evidence on a statistics step (its layer was never called "
+        "through its forward, or hooks did not fire under torch.compile); it keeps stale "
+        "statistics -- see opt.block_plan()"
+    ),
+}
+
+
+class HealthMonitor:
+    """Per-block counters: device tensors for device-side faults, ints for host decisions."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.host: list[dict[str, int]] = []
+        self._device: dict[torch.device, Tensor] = {}
+        self._seen: dict[str, int] = {}
+        self.warned: set[str] = set()
+
+    # -------------------------------------------------------------- layout
+    def add_blocks(self, names: Sequence[str]) -> None:
+        """Register new blocks (counters start at zero)."""
+        for name in names:
+            self.names.append(name)
+            self.host.append({c: 0 for c in HEALTH_COUNTERS})
+        for device, counts in list(self._device.items()):
+            grown = torch.zeros(len(self.names), len(DEVICE_COUNTERS), dtype=torch.int64, device=device)
+            grown[: counts.shape[0]] = counts
+            self._device[device] = grown
+
+    def _counts(self, device: torch.device) -> Tensor:
+        counts = self._device.get(device)
+        if counts is None:
+            counts = torch.zeros(len(self.names), len(DEVICE_COUNTERS), dtype=torch.int64, device=device)
+            self._device[device] = counts
+        return counts
+
+    # -------------------------------------------------------------- counting
+    def count_device(self, counter: str, block_ids: Tensor, failed: Tensor) -> None:
+        """Add ``failed`` (bool, one per block) to ``counter`` of ``block_ids`` on the device."""
+        counts = self._counts(failed.device)
+        column = DEVICE_COUNTERS.index(counter)
+        counts[:, column].index_add_(0, block_ids, failed.to(torch.int64))
+
+    def count(self, block: int, counter: str, amount: int = 1) -> None:
+        """Count a host-side event."""
+        self.host[block][counter] += amount
+
+    # -------------------------------------------------------------- reading
+    def totals(self) -> list[dict[str, int]]:
+        """All counters per block (reads the device counters: a sync point)."""
+        out = [dict(h) for h in self.host]
+        for counts in self._device.values():
+            rows = counts.tolist()
+            for bi, row in enumerate(rows):
+                for name, v in zip(DEVICE_COUNTERS, row):
+                    out[bi][name] += int(v)
+        return out
+
+    def sync(self, *, stacklevel: int = 4) -> list[dict[str, int]]:
+        """Read every counter and warn once for each kind of fault that appeared."""
+        totals = self.totals()
+        for counter in HEALTH_COUNTERS:
+            total = sum(t[counter] for t in totals)
+            if total > self._seen.get(counter, 0):
+                self._seen[counter] = total
+                self.warn_once(counter, MESSAGES[counter], stacklevel=stacklevel + 1)
+        return totals
+
+    def warn_once(self, key: str, message: str, *, stacklevel: int = 3) -> None:
+        """Emit a :class:`CurvkitWarning` the first time ``key`` is seen."""
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(f"curvkit: {message} (see opt.health())", CurvkitWarning, stacklevel=stacklevel)
+
+    def state(self) -> list[dict[str, int]]:
+        """Counters for the state dict."""
+        return self.totals()
+
+    def load(self, saved: Sequence[dict[str, int]]) -> None:
+        """Restore counters (device counters are folded into the host ones)."""
+        for device in list(self._device):
+            self._device[device].zero_()
+        for bi, counters in enumerate(saved):
+            self.host[bi] = {c: int(counters.get(c, 0)) for c in HEALTH_COUNTERS}
+            self._seen = {}
