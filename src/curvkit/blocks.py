@@ -262,6 +262,12 @@ class BlockPlan:
         """One :meth:`Block.describe` row per block."""
         return [b.describe() for b in self.blocks]
 
+    def coverage(self) -> float:
+        """Share of the parameters' entries that get curvature (a factored mode in their block)."""
+        total = sum(p.numel() for b in self.blocks for p in b.params)
+        covered = sum(p.numel() for b in self.blocks if any(b.factored) for p in b.params)
+        return covered / total if total else 1.0
+
     def __str__(self) -> str:
         rows = self.rows()
         if not rows:
@@ -271,4 +277,5 @@ class BlockPlan:
         line = "  ".join(c.ljust(widths[c]) for c in cols)
         out = [line, "  ".join("-" * widths[c] for c in cols)]
         out += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+        out.append(f"curvature coverage: {100 * self.coverage():.1f}% of parameter entries")
         return "\n".join(out)

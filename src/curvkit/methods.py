@@ -89,9 +89,7 @@ def TNT(
     evidence: str = "sampled",
     max_factor_dim: int | None = 4096,
     model: nn.Module | None = None,
-    nonfinite: str = "skip",
-    seed: int | None = None,
-    sync_statistics: bool = False,
+    **options: Any,
 ) -> CurvatureOptimizer:
     r"""Tensor Normal Training (Ren & Goldfarb, NeurIPS 2021).
 
@@ -100,7 +98,9 @@ def TNT(
     applied to the momentum buffer by ``kronecker_mode``. Defaults are the paper's MNIST
     autoencoder settings (``lr=1e-4``, ``damping=0.1``, ``T1=1``, ``T2=20``); its CNN settings are
     ``curvature_every=10, invert_every=100``. ``evidence="empirical"`` is the paper's ablation
-    with the minibatch gradient.
+    with the minibatch gradient. ``params`` may be the model itself. Any other option of
+    :class:`~curvkit.CurvatureOptimizer` (``nonfinite``, ``seed``, ``sync_statistics``,
+    ``dampening``, ``loss``, ``strict``, ...) passes through.
     """
     return compose(
         params,
@@ -117,7 +117,5 @@ def TNT(
         invert_every=invert_every,
         max_factor_dim=max_factor_dim,
         model=model,
-        nonfinite=nonfinite,
-        seed=seed,
-        sync_statistics=sync_statistics,
+        **options,
     )

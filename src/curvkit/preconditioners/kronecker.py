@@ -2,9 +2,11 @@ r"""The ``kronecker_mode`` preconditioner: one matrix per tensor mode, applied a
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor
 
 from ..blocks import Block
@@ -44,3 +46,43 @@ class KroneckerMode(Preconditioner):
         if inverses is None:
             return direction
         return mode_products(direction, [None if v is None else v.to(direction.dtype) for v in inverses])
+
+    def apply_group(
+        self,
+        blocks: Sequence[Block],
+        states: Sequence[dict[str, Any]],
+        directions: Sequence[Tensor],
+        inverses: Sequence[Sequence[Any] | None],
+        *,
+        gradients: Sequence[Tensor],
+    ) -> list[Tensor]:
+        """Same-shape blocks of order 1 or 2 whose inverses are dense matrices go through one
+        batched ``matmul`` (:math:`V_1 M V_2^\top` for the whole group); the rest one by one."""
+        out: list[Tensor | None] = [None] * len(blocks)
+        batches: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, (d, inv) in enumerate(zip(directions, inverses)):
+            dense = inv is not None and all(v is None or isinstance(v, Tensor) for v in inv)
+            if dense and d.dim() in (1, 2) and len(blocks) > 1:
+                pattern = tuple(v is None for v in inv)
+                batches[pattern].append(i)
+            else:
+                out[i] = self.apply(blocks[i], states[i], d, inv, gradient=gradients[i])
+        for pattern, idx in batches.items():
+            if len(idx) == 1 or all(pattern):
+                for i in idx:
+                    out[i] = self.apply(blocks[i], states[i], directions[i], inverses[i], gradient=gradients[i])
+                continue
+            dtype = directions[idx[0]].dtype
+            m = torch.stack([directions[i] for i in idx])
+            if m.dim() == 2:  # vectors: one factor
+                v = torch.stack([inverses[i][0].to(dtype) for i in idx])
+                res = torch.bmm(v, m.unsqueeze(-1)).squeeze(-1)
+            else:
+                res = m
+                if not pattern[0]:
+                    res = torch.bmm(torch.stack([inverses[i][0].to(dtype) for i in idx]), res)
+                if not pattern[1]:
+                    res = torch.bmm(res, torch.stack([inverses[i][1].to(dtype) for i in idx]).transpose(-1, -2))
+            for i, r in zip(idx, res.unbind(0)):
+                out[i] = r
+        return out  # type: ignore[return-value]

@@ -1,0 +1,207 @@
+"""The step engine: no host reads on steady-state steps, shared counters, micro-batch
+accumulation, float32 statistics under autocast, stale-curvature detection, robust inversion."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit
+from tests.methods_under_test import build, method_names, tiny_model, train_step
+
+D = torch.float64
+
+
+@contextmanager
+def count_host_reads():
+    """Count Tensor.item / tolist / __bool__ / __float__ / __int__ calls (the host reads)."""
+    counts = {"n": 0, "where": []}
+    names = ["item", "tolist", "__bool__", "__float__", "__int__"]
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def wrap(name):
+        orig = originals[name]
+
+        def f(self, *a, **k):
+            counts["n"] += 1
+            import traceback
+
+            counts["where"].append((name, traceback.format_stack(limit=4)[0].strip()))
+            return orig(self, *a, **k)
+
+        return f
+
+    for n in names:
+        setattr(torch.Tensor, n, wrap(n))
+    try:
+        yield counts
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_steady_state_steps_read_nothing_on_the_host(name):
+    model = tiny_model()
+    opt = build(name, model, invert_every=2)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    for _ in range(3):  # t = 0, 1, 2: inversions (early phase, then t % T2 == 0)
+        train_step(model, opt, x, y)
+    counted = 0
+    for _ in range(4):
+        if opt._inverse_due(opt.param_groups[0]):
+            train_step(model, opt, x, y)
+            continue
+        with count_host_reads() as counts:
+            train_step(model, opt, x, y)
+        counted += 1
+        assert counts["n"] == 0, (name, counts["where"][:8])
+    assert counted == 2
+
+
+def _no_inversion_opt():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    return model, curvkit.TNT(model, lr=1e-2, invert_every=3, curvature_every=1)
+
+
+def test_counters_are_shared_with_a_copy_of_the_attribute_dict():
+    """Lightning's LightningOptimizer copies the optimizer's __dict__ and calls update_curvature
+    on the copy, step on the original."""
+    model, opt = _no_inversion_opt()
+    wrapper = object.__new__(type(opt))
+    wrapper.__dict__ = opt.__dict__.copy()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
+        wrapper.zero_grad()
+        assert wrapper.update_curvature(out, loss="cross_entropy")
+        loss.backward()
+        opt.step()
+    assert opt.step_count == wrapper.step_count == 3
+    assert all(v == 0 for h in opt.health().values() for v in h.values())
+
+
+def test_micro_batches_accumulate_to_the_whole_batch():
+    torch.manual_seed(0)
+    x = torch.randn(10, 6, dtype=D)
+    t = torch.randn(10, 3, dtype=D)
+
+    def det_loss(targets):
+        return lambda out, gen=None: (torch.sin(out) * targets).sum() / out.shape[0]
+
+    def make():
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        return m, curvkit.TNT(m, lr=1e-2)
+
+    whole_m, whole = make()
+    out = whole_m(x)
+    whole.update_curvature(out, loss=det_loss(t))
+    split_m, split = make()
+    for sl in (slice(0, 3), slice(3, 10)):
+        assert split.update_curvature(split_m(x[sl]), loss=det_loss(t[sl]))
+    for a, b in zip(whole.blocks, split.blocks):
+        sa, sb = whole.block_state(a)["estimator"], split.block_state(b)["estimator"]
+        for ga, gb in zip(sa["grams"], sb["grams"]):
+            torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14)
+
+
+def test_statistics_are_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    ref = copy.deepcopy(m)
+    a, b = curvkit.TNT(m, seed=3), curvkit.TNT(ref, seed=3)
+    x = torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        a.update_curvature(out.float(), loss="cross_entropy")
+    b.update_curvature(ref(x), loss="cross_entropy")
+    for ba, bb in zip(a.blocks, b.blocks):
+        for ga, gb in zip(a.block_state(ba)["estimator"]["grams"], b.block_state(bb)["estimator"]["grams"]):
+            assert ga.dtype == torch.float32
+            # forward in bf16 changes the evidence a little; statistics themselves are float32
+            assert torch.linalg.matrix_norm(ga - gb) <= 0.1 * torch.linalg.matrix_norm(gb) + 1e-6
+
+
+def test_stale_curvature_is_counted_and_warned_or_raises_when_strict():
+    model, opt = _no_inversion_opt()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    train_step(model, opt, x, y)
+    with pytest.warns(curvkit.CurvkitWarning, match="no new curvature evidence"):
+        for _ in range(2):  # a loop that forgot update_curvature after the first step
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert sum(h["missing_statistics"] for h in opt.health().values()) == 2 * len(opt.blocks)
+    strict = curvkit.TNT(model, lr=1e-2, strict=True)
+    train_step(model, strict, x, y)
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="no new curvature evidence"):
+        strict.step()
+
+
+def test_one_failing_factor_does_not_send_its_batch_mates_to_float64():
+    class FailsOnNaNBatch(curvkit.DampedEigen):
+        def invert(self, matrices, *, damping, order):
+            if matrices.shape[0] > 1:
+                raise torch.linalg.LinAlgError("batch failed")
+            if matrices.dtype == torch.float32 and float(matrices[0, 0, 0]) < 0:
+                raise torch.linalg.LinAlgError("this one fails")
+            return super().invert(matrices, damping=damping, order=order)
+
+    torch.manual_seed(0)
+    w1, w2 = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4, 3))
+    opt = curvkit.compose([w1, w2], estimator="tensor_normal", inverter=FailsOnNaNBatch(), lr=1e-2, damping=0.1)
+    g1 = torch.randn(4, 3)
+    opt.update_curvature(grads=[g1, torch.randn(4, 3)])
+    opt.block_state(0)["estimator"]["grams"][0][0, 0] = -1.0  # only block 0's first factor fails in float32
+    w1.grad, w2.grad = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.warns(curvkit.CurvkitWarning, match="float64"):
+        opt.step()
+    health = opt.health()
+    assert health["group0.param0"]["inverse_retry_float64"] == 1
+    assert health["group0.param1"]["inverse_retry_float64"] == 0
+
+
+def test_default_tnt_on_the_mnist_autoencoder_shapes_is_healthy():
+    torch.manual_seed(0)
+    sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    opt = curvkit.TNT(model)
+    x = torch.rand(16, 784)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", curvkit.CurvkitWarning)
+        for _ in range(4):
+            out = model(x)
+            loss = nn.functional.binary_cross_entropy_with_logits(out, x, reduction="sum") / 16
+            opt.zero_grad()
+            opt.update_curvature(out, loss="bce_with_logits")
+            loss.backward()
+            opt.step()
+    assert all(v == 0 for h in opt.health().values() for v in h.values())
+
+
+def test_grouped_directions_equal_one_by_one():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 4, dtype=D)) for _ in range(3)] + [nn.Parameter(torch.randn(6, dtype=D)) for _ in range(2)]
+    opt = curvkit.TNT(params, lr=0.1)
+    opt.update_curvature(grads=[torch.randn_like(p) for p in params])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    for p, b, blk in zip(params, before, opt.blocks):
+        inv = opt.block_state(blk)["inverses"]
+        expected = curvkit.contractions.mode_products(p.grad, inv)
+        torch.testing.assert_close(p.detach(), b - 0.1 * expected, rtol=1e-12, atol=1e-12)
