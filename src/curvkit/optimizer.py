@@ -638,7 +638,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "_collector" in state:
+        if "_collector" in state:  # maps keyed by id() refer to the copied parameters now
+            self._group_of_param = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+            if self.model is not None:
+                self._param_names = {id(p): n for n, p in self.model.named_parameters()}
+            else:
+                self._param_names = {id(b.params[0]): b.name for b in self._blocks if len(b.params) == 1}
+            self._used_grads = {}
             self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
 
 
