@@ -205,3 +205,28 @@ def test_grouped_directions_equal_one_by_one():
         inv = opt.block_state(blk)["inverses"]
         expected = curvkit.contractions.mode_products(p.grad, inv)
         torch.testing.assert_close(p.detach(), b - 0.1 * expected, rtol=1e-12, atol=1e-12)
+
+
+def test_relative_damping_makes_the_step_independent_of_scale_and_order():
+    """Where damping dominates, absolute damping moves a k-mode block by about g / eps^k;
+    relative damping (eps times the factors' average eigenvalue) is invariant to the scale of
+    the evidence, so blocks of every order see damping in proportion to their own spectrum."""
+    torch.manual_seed(0)
+
+    def direction(order, scale, relative):
+        shape = (4,) * order
+        w = nn.Parameter(torch.zeros(shape, dtype=D))
+        opt = curvkit.TNT([w], lr=1.0, momentum=0.0, damping=10.0, relative_damping=relative)
+        torch.manual_seed(1)
+        opt.update_curvature(grads=[scale * torch.randn(shape, dtype=D)])
+        g = torch.randn(shape, dtype=D)
+        w.grad = g
+        opt.step()
+        return float((-w.detach()).norm() / g.norm())
+
+    for relative in (False, True):
+        ratios = {k: direction(k, 1e-3, relative) for k in (1, 2, 3)}
+        if not relative:  # damping dominates: |P| / |g| ~ eps^-k
+            assert ratios[3] < 0.02 * ratios[1]
+        else:
+            assert direction(2, 1e3, True) == pytest.approx(direction(2, 1e-3, True), rel=1e-6)

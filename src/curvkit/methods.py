@@ -87,6 +87,7 @@ def TNT(
     curvature_every: int = 1,
     invert_every: int = 20,
     evidence: str = "sampled",
+    relative_damping: bool = False,
     max_factor_dim: int | None = 4096,
     model: nn.Module | None = None,
     **options: Any,
@@ -98,7 +99,10 @@ def TNT(
     applied to the momentum buffer by ``kronecker_mode``. Defaults are the paper's MNIST
     autoencoder settings (``lr=1e-4``, ``damping=0.1``, ``T1=1``, ``T2=20``); its CNN settings are
     ``curvature_every=10, invert_every=100``. ``evidence="empirical"`` is the paper's ablation
-    with the minibatch gradient. ``params`` may be the model itself. Any other option of
+    with the minibatch gradient. ``relative_damping=True`` makes the damping scale-free
+    (:math:`\epsilon` times each normalised factor's average eigenvalue), so the step no longer
+    grows like :math:`\epsilon^{-k}` with a block's order ``k`` where damping dominates; the
+    paper's absolute damping stays the default. ``params`` may be the model itself. Any other option of
     :class:`~curvkit.CurvatureOptimizer` (``nonfinite``, ``seed``, ``sync_statistics``,
     ``dampening``, ``loss``, ``strict``, ...) passes through.
     """
@@ -107,7 +111,7 @@ def TNT(
         estimator="tensor_normal",
         preconditioner="kronecker_mode",
         inverter="damped_eigen",
-        estimator_options={"stat_decay": stat_decay, "evidence": evidence},
+        estimator_options={"stat_decay": stat_decay, "evidence": evidence, "relative_damping": relative_damping},
         inverter_options={"power": 1.0},
         lr=lr,
         momentum=momentum,

@@ -57,17 +57,27 @@ class TensorNormalConfig(PartConfig):
             true Fisher: TNT) or ``"empirical"`` (the minibatch gradient: the paper's ablation).
         normalize: apply the same-trace normalisation (TNT); ``False`` inverts the raw
             statistics.
+        relative_damping: scale-free damping. ``False`` (the paper) adds the absolute
+            :math:`\epsilon` to every normalised factor, so where damping dominates a block of
+            ``k`` modes moves about :math:`g / \epsilon^k` -- the effective step then depends on
+            the block's order and on the gradient's scale. ``True`` adds :math:`\epsilon c` to
+            each factor, :math:`c` being the normalised factors' common average eigenvalue, so
+            the damping is a fixed fraction of each factor's own spectrum whatever the order and
+            the scale (see the tuning guide for language models).
     """
 
     stat_decay: float = 0.9
     evidence: str = "sampled"
     normalize: bool = True
+    relative_damping: bool = False
 
     def __post_init__(self) -> None:
         check_in_unit_interval("stat_decay", self.stat_decay)
         check_choice("evidence", self.evidence, ("sampled", "empirical"))
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
+        if not isinstance(self.relative_damping, bool):
+            raise ValueError(f"relative_damping must be a bool, got {self.relative_damping!r}")
 
 
 @register("estimator", "tensor_normal")
@@ -75,7 +85,7 @@ class TensorNormal(CurvatureEstimator):
     """Per-mode Kronecker factors of the (sampled) gradient covariance, as in TNT."""
 
     Config = TensorNormalConfig
-    state_neutral_options = ("stat_decay",)
+    state_neutral_options = ("stat_decay", "relative_damping")
 
     @property
     def evidence(self) -> EvidenceSpec:
@@ -148,6 +158,8 @@ class TensorNormal(CurvatureEstimator):
         total = math.prod(block.shape)
         c = (state["trace"] / total).clamp_min(0).pow(1.0 / k)
         tiny = torch.finfo(c.dtype).tiny
+        if self.config.relative_damping:  # eps times the common average eigenvalue c (0-d tensor)
+            damping = damping * c.clamp_min(tiny)
         out: list[Factor | None] = []
         for d, s in zip(block.shape, grams):
             if s is None:
