@@ -78,7 +78,7 @@ def main(scenarios: dict) -> None:
 def _rank_main(fn, scenario: str, rank: int, world: int, port: int, outdir: Path, extra: list[str]) -> None:
     if "--no-dist" not in extra:
         init(rank, world, port)
-    result = fn(rank, world, *extra)
+    result = fn(rank, world, *[e for e in extra if e != "--no-dist"])
     torch.save(result, outdir / f"{scenario}-{rank}.pt")
     if "--no-dist" not in extra:
         import torch.distributed as dist
