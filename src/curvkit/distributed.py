@@ -2,7 +2,7 @@ r"""The distributed layer: the few collectives a curvature optimizer needs, behi
 
 A :class:`Distributor` is what the optimizer calls when it runs on several processes
 (:mod:`torch.distributed`, under :class:`~torch.nn.parallel.DistributedDataParallel` or FSDP2's
-:func:`~torch.distributed.fsdp.fully_shard`). It offers exactly the operations a
+``torch.distributed.fsdp.fully_shard``). It offers exactly the operations a
 second-order method needs, each bucketed so that the number of collectives per step stays
 small and independent of the number of blocks:
 
@@ -301,9 +301,14 @@ class TorchDistributed(Distributor):
             the overlap of asynchronous (NCCL) collectives with compute. Turn it on to debug.
         check_timeout: seconds the check waits for every rank before raising
             :class:`CollectiveMismatchError` (a rank that stopped making calls).
-        share: how :meth:`share_` communicates: ``"all_gather"`` (each rank contributes a
-            buffer of its owned tensors, padded to the largest; the default, measured faster
-            by ``benchmarks/distributed.py``) or ``"all_reduce"`` (zeros where not owned, summed).
+        share: how :meth:`share_` communicates: ``"all_reduce"`` (a flat buffer with zeros where
+            this rank is not the owner, summed; the default) or ``"all_gather"`` (each rank
+            contributes a buffer of its owned tensors, padded to the longest, and unpacks the
+            others'). On gloo (CPU) with the MNIST-autoencoder factors, ``benchmarks/distributed.py``
+            measured ``all_reduce`` faster in wall and CPU time at 2 and 4 ranks, although
+            ``all_gather`` moves about half the bytes; on NCCL, unmeasured, ``all_gather`` may win.
+            Both give every rank the owner's bits, except that ``all_reduce`` turns a ``-0.0``
+            into ``+0.0`` (on every rank alike).
     """
 
     def __init__(
@@ -312,7 +317,7 @@ class TorchDistributed(Distributor):
         *,
         check: bool = False,
         check_timeout: float = 60.0,
-        share: str = "all_gather",
+        share: str = "all_reduce",
     ) -> None:
         import torch.distributed as dist
 
@@ -396,6 +401,8 @@ class TorchDistributed(Distributor):
         tensors = _check_tensors("tensors", tensors)
         self._validate_floating("tensors", tensors)
         self.check(call, step=step)
+        if self._world == 1:
+            return
         for idx in _buckets(tensors).values():
             group = [tensors[i] for i in idx]
             flat = _flat(group)
@@ -407,6 +414,8 @@ class TorchDistributed(Distributor):
         tensors = _check_tensors("tensors", tensors)
         owners = self._validate_owners(tensors, owners)
         self.check(call, step=step)
+        if self._world == 1:
+            return
         for idx in _buckets(tensors).values():
             if self.share_method == "all_gather":
                 self._share_gather([tensors[i] for i in idx], [owners[i] for i in idx])
@@ -512,7 +521,7 @@ def _dtensor_type() -> type | None:
 
 
 def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor` (FSDP2 parameters and gradients are)."""
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters and gradients are)."""
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 
