@@ -44,10 +44,12 @@ import torch
 WIDTHS = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
 
 
-def factor_sizes() -> list[tuple[str, int]]:
-    """``(name, d)`` of every TNT factor of the MNIST autoencoder: weight modes, then biases."""
+def factor_sizes(widths: list[int] | None = None) -> list[tuple[str, int]]:
+    """``(name, d)`` of every TNT factor of an MLP with these layer widths (default: the MNIST
+    autoencoder): per layer the weight's two mode factors, then the bias's."""
+    widths = WIDTHS if widths is None else widths
     sizes = []
-    for i, (d_in, d_out) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
         sizes.append((f"layer{i}.weight[0]", d_out))
         sizes.append((f"layer{i}.weight[1]", d_in))
         sizes.append((f"layer{i}.bias[0]", d_out))
@@ -66,7 +68,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, repeats: int, dtype_name: str, queue: Any) -> None:
+def _rank(rank: int, world: int, port: int, repeats: int, dtype_name: str, widths: list[int], queue: Any) -> None:
     import torch.distributed as dist
 
     from curvkit.distributed import TorchDistributed, inverse_cost
@@ -75,7 +77,7 @@ def _rank(rank: int, world: int, port: int, repeats: int, dtype_name: str, queue
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         dtype = getattr(torch, dtype_name)
-        sizes = factor_sizes()
+        sizes = factor_sizes(widths)
         factors = [make_factor(i, d, dtype) for i, (_, d) in enumerate(sizes)]
         inverses = [torch.empty_like(f) for f in factors]
         distributors = {m: TorchDistributed(share=m) for m in ("all_gather", "all_reduce")}
@@ -140,11 +142,11 @@ def _rank(rank: int, world: int, port: int, repeats: int, dtype_name: str, queue
         dist.destroy_process_group()
 
 
-def run_world(world: int, repeats: int, dtype: str, timeout: float) -> list[dict[str, Any]]:
+def run_world(world: int, repeats: int, dtype: str, timeout: float, widths: list[int]) -> list[dict[str, Any]]:
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, repeats, dtype, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, port, repeats, dtype, widths, queue)) for r in range(world)]
     for p in procs:
         p.start()
     results = []
@@ -215,13 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per world size")
+    parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS,
+                        help="layer widths of the MLP whose factors are inverted (default: the MNIST autoencoder)")
     args = parser.parse_args(argv)
     if any(w < 1 for w in args.ranks) or args.repeats < 1:
         parser.error("--ranks and --repeats must be >= 1")
+    if len(args.widths) < 2 or any(w < 1 for w in args.widths):
+        parser.error("--widths needs at least two widths >= 1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = []
     for world in args.ranks:
-        rows.append(summarise(world, run_world(world, args.repeats, args.dtype, args.timeout)))
+        rows.append(summarise(world, run_world(world, args.repeats, args.dtype, args.timeout, args.widths)))
         print(f"ranks={world} done", file=sys.stderr, flush=True)
     print(render(rows))
     for r in rows:
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": "python -m benchmarks.distributed " + " ".join(sys.argv[1:] if argv is None else argv),
                 "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
                 "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-                "factor_sizes": factor_sizes(), "dtype": args.dtype, "repeats": args.repeats}
+                "factor_sizes": factor_sizes(args.widths), "dtype": args.dtype, "repeats": args.repeats}
         args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     return 0
 

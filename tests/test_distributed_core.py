@@ -186,6 +186,24 @@ def scenario_core(rank: int, world: int) -> dict:
         for n, p in lin.named_parameters()
     }
     helpers["plain_passthrough"] = local_like(full, full) is full and full_tensor(full) is full
+    # full_tensors: FSDP2 gradients, parameters, a Replicate DTensor and a plain tensor, with one
+    # all_gather for the whole Shard(0) bucket (uneven rows: 7 and 3 over the ranks, 1 row too)
+    from curvkit.distributed import full_tensors
+
+    torch.manual_seed(1)
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3), torch.nn.Linear(3, 1))
+    for m in mlp:
+        if isinstance(m, torch.nn.Linear):
+            fully_shard(m)
+    fully_shard(mlp)
+    mlp(torch.randn(4, 5, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
+    mixed = [p.grad for p in mlp.parameters()] + [p.detach() for p in mlp.parameters()]
+    mixed += [distribute_tensor(full, mesh, [Replicate()]), full]
+    singles = [full_tensor(t) for t in mixed]
+    got = []
+    helpers["full_tensors_calls"] = collectives(lambda: got.extend(full_tensors(mixed)))
+    helpers["full_tensors_equal"] = [torch.equal(a, b) for a, b in zip(got, singles)]
+    helpers["full_tensors_plain"] = [not is_dtensor(t) for t in got]
     res["helpers"] = helpers
     return res
 
@@ -295,6 +313,8 @@ def test_dtensor_helpers_round_trip(core):
             assert h[label]["is_dtensor"] == (True, False, True), label
             assert h[label]["full_equal"] and h[label]["local_equal"] and h[label]["placements_equal"], label
         assert all(h["fsdp"].values()), h["fsdp"]
+        assert all(h["full_tensors_equal"]) and all(h["full_tensors_plain"]), h["full_tensors_equal"]
+        assert h["full_tensors_calls"] == {"all_gather_single": 1}, h["full_tensors_calls"]
         assert h["plain_passthrough"]
     # uneven shards: 7 rows over 2 ranks are 4 + 3
     if world == 2:

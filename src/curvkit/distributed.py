@@ -48,6 +48,7 @@ __all__ = [
     "TorchDistributed",
     "assign_lpt",
     "full_tensor",
+    "full_tensors",
     "inverse_cost",
     "is_dtensor",
     "local_like",
@@ -373,6 +374,10 @@ class TorchDistributed(Distributor):
 
     # ---- participation check
     def check(self, call: str, *, step: int = -1) -> None:
+        if not isinstance(call, str):
+            raise ValueError(f"call must be a str naming the optimizer call (e.g. 'update_curvature'), got {call!r}")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"step must be an int (the optimizer's step count, -1 if none), got {step!r}")
         if not self.check_enabled:
             return
         self._calls += 1
@@ -535,6 +540,76 @@ def full_tensor(t: Tensor) -> Tensor:
     if not isinstance(t, Tensor):
         raise ValueError(f"t must be a torch.Tensor, got {type(t).__name__}")
     return t.full_tensor() if is_dtensor(t) else t
+
+
+def _shard0_rows(rows: int, world: int) -> list[int]:
+    """Rows of each rank under ``Shard(0)``: :func:`torch.chunk`'s split, empty chunks last."""
+    sizes = [c.shape[0] for c in torch.empty(rows, device="meta").chunk(world)] if rows else []
+    return sizes + [0] * (world - len(sizes))
+
+
+def full_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`full_tensor` of many tensors with one ``all_gather`` per bucket (*collective*).
+
+    DTensors sharded on dim 0 of a one-dimensional mesh (FSDP2's layout of parameters,
+    gradients and ``zeros_like`` state) are grouped by ``(dtype, device, mesh)``; each group's
+    local shards are packed into one buffer per rank and gathered in a single
+    ``all_gather_single`` on the mesh's process group, instead of one collective per tensor.
+    Other DTensors fall back to :func:`full_tensor` one by one; plain tensors are returned as
+    they are. Every rank of the meshes must call it with the same list of tensors.
+
+    Returns:
+        One plain tensor of the global shape per input, in order.
+    """
+    import torch.distributed as dist
+
+    items = list(tensors)
+    out: list[Tensor | None] = [None] * len(items)
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, t in enumerate(items):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if not is_dtensor(t):
+            out[i] = t
+            continue
+        from torch.distributed.tensor import Shard
+
+        mesh = t.device_mesh
+        if mesh.ndim == 1 and tuple(t.placements) == (Shard(0),) and t.ndim >= 1:
+            buckets.setdefault((t.dtype, t.to_local().device, mesh), []).append(i)
+        else:
+            out[i] = t.full_tensor()
+    for (dtype, device, mesh), idx in buckets.items():
+        world, rank = mesh.size(), mesh.get_local_rank()
+        rows = {i: _shard0_rows(items[i].shape[0], world) for i in idx}
+        inner = {i: math.prod(items[i].shape[1:]) for i in idx}
+        per_rank = [sum(rows[i][k] * inner[i] for i in idx) for k in range(world)]
+        width = max(per_rank)
+        send = torch.zeros(width, dtype=dtype, device=device)
+        offset = 0
+        for i in idx:
+            local = items[i].detach().to_local()
+            if local.shape[0] != rows[i][rank]:
+                raise ValueError(
+                    f"tensors[{i}] has {local.shape[0]} local rows on mesh rank {rank}, but Shard(0) of "
+                    f"{items[i].shape[0]} rows over {world} ranks gives {rows[i][rank]}: an uneven layout "
+                    f"this helper does not know; call full_tensor on it"
+                )
+            n = local.numel()
+            send[offset : offset + n] = local.reshape(-1)
+            offset += n
+        gathered = torch.empty(world * width, dtype=dtype, device=device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(gathered, send, group=mesh.get_group())
+        offsets = [k * width for k in range(world)]
+        for i in idx:
+            pieces = []
+            for k in range(world):
+                n = rows[i][k] * inner[i]
+                pieces.append(gathered[offsets[k] : offsets[k] + n])
+                offsets[k] += n
+            out[i] = torch.cat(pieces).view(items[i].shape)
+    return out  # type: ignore[return-value]
 
 
 def local_like(full: Tensor, like: Tensor) -> Tensor:
