@@ -1,0 +1,249 @@
+r"""Sharded inversion across gloo ranks: per-rank inverse time at 1, 2 and 4 processes.
+
+``python -m benchmarks.distributed [--ranks 1 2 4] [--repeats 5] [--json PATH]``
+
+The work is one inversion of the TNT factors of the MNIST autoencoder
+(784-1000-500-250-30-250-500-1000-784, Ren & Goldfarb 2021): each weight ``(d_out, d_in)`` has
+two mode factors (``d_out x d_out`` and ``d_in x d_in``) and each bias one (``d_out x d_out``),
+24 factors in all. For each world size ``W`` the script forks ``W`` processes (one thread each,
+gloo on 127.0.0.1). Every rank builds the same symmetric positive definite factors; the owners
+come from :meth:`curvkit.distributed.Distributor.assign` with cost :func:`~curvkit.distributed.inverse_cost`
+(``d^3``); each rank Cholesky-inverts the factors it owns (:func:`torch.linalg.cholesky` then
+:func:`torch.cholesky_inverse`), then :meth:`~curvkit.distributed.Distributor.share_` gives
+every rank every inverse, timed once with each share strategy (``all_gather`` and
+``all_reduce``). A barrier precedes each timed phase; each number is the median over
+``--repeats`` repetitions, of the slowest rank. Wall-clock time and the process's CPU time
+(:func:`time.process_time`, all threads, gloo's included) are both reported: on a machine
+shared with other work the ranks do not run in parallel and wall time cannot fall with the
+number of ranks, while CPU time per rank still shows each rank's share of the work.
+
+It also times the participation check (``check=True``): the cost of one small ``average_``
+with and without it.
+
+After the run every rank checks that its shared inverses are bit-identical to rank 0's and
+that ``F @ F^{-1}`` is the identity to 1e-3 for every factor. The table goes to stdout, the
+numbers to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WIDTHS = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+
+
+def factor_sizes(widths: list[int] | None = None) -> list[tuple[str, int]]:
+    """``(name, d)`` of every TNT factor of an MLP with these layer widths (default: the MNIST
+    autoencoder): per layer the weight's two mode factors, then the bias's."""
+    widths = WIDTHS if widths is None else widths
+    sizes = []
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        sizes.append((f"layer{i}.weight[0]", d_out))
+        sizes.append((f"layer{i}.weight[1]", d_in))
+        sizes.append((f"layer{i}.bias[0]", d_out))
+    return sizes
+
+
+def make_factor(i: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    a = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+    return (a @ a.T / (2 * d) + 0.1 * torch.eye(d, dtype=torch.float64)).to(dtype)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, repeats: int, dtype_name: str, widths: list[int], queue: Any) -> None:
+    import torch.distributed as dist
+
+    from curvkit.distributed import TorchDistributed, inverse_cost
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        dtype = getattr(torch, dtype_name)
+        sizes = factor_sizes(widths)
+        factors = [make_factor(i, d, dtype) for i, (_, d) in enumerate(sizes)]
+        inverses = [torch.empty_like(f) for f in factors]
+        distributors = {m: TorchDistributed(share=m) for m in ("all_gather", "all_reduce")}
+        owners = distributors["all_gather"].assign([inverse_cost(d) for _, d in sizes])
+        mine = [i for i, o in enumerate(owners) if o == rank]
+        times: dict[str, list[float]] = {k: [] for k in (
+            "inverse", "share_all_gather", "share_all_reduce", "inverse_cpu", "share_all_gather_cpu", "share_all_reduce_cpu")}
+        for rep in range(repeats + 1):  # the first repetition warms up and is dropped
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in mine:
+                torch.cholesky_inverse(torch.linalg.cholesky(factors[i]), out=inverses[i])
+            t1, c1 = time.perf_counter(), time.process_time()
+            shares = {}
+            for method, dd in distributors.items():
+                for i, f in enumerate(inverses):  # a non-owner's buffer holds garbage before share_
+                    if owners[i] != rank:
+                        f.fill_(float("nan"))
+                dist.barrier()
+                s0, sc0 = time.perf_counter(), time.process_time()
+                dd.share_(inverses, owners)
+                shares[method] = (time.perf_counter() - s0, time.process_time() - sc0)
+            if rep:
+                times["inverse"].append(t1 - t0)
+                times["inverse_cpu"].append(c1 - c0)
+                for method, (t, c) in shares.items():
+                    times[f"share_{method}"].append(t)
+                    times[f"share_{method}_cpu"].append(c)
+        # correctness: bit-identical to rank 0, and inverses of their factors
+        flat = torch.cat([f.reshape(-1) for f in inverses])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        identical = bool(torch.equal(flat, ref))
+        residual = max(
+            float((f.double() @ inv.double() - torch.eye(f.shape[0], dtype=torch.float64)).abs().max())
+            for f, inv in zip(factors, inverses)
+        )
+        # the participation check's cost: one small average_ with and without it
+        check_cost = {}
+        for check in (False, True):
+            dd = TorchDistributed(check=check)
+            x = torch.ones(16)
+            for _ in range(5):
+                dd.average_([x])
+            dist.barrier()
+            n = 50
+            t0 = time.perf_counter()
+            for step in range(n):
+                dd.average_([x], call="bench", step=step)
+            check_cost["on" if check else "off"] = (time.perf_counter() - t0) / n
+        queue.put({
+            "rank": rank,
+            "owned": [sizes[i][1] for i in mine],
+            "owned_cost": sum(inverse_cost(sizes[i][1]) for i in mine),
+            "shared_numel": sum(inverses[i].numel() for i in mine),
+            "times": times,
+            "identical_to_rank0": identical,
+            "max_residual": residual,
+            "average_small_s": check_cost,
+        })
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(world: int, repeats: int, dtype: str, timeout: float, widths: list[int]) -> list[dict[str, Any]]:
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, repeats, dtype, widths, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        for _ in range(world):
+            results.append(queue.get(timeout=timeout))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    bad = [p.exitcode for p in procs if p.exitcode]
+    if bad:
+        raise RuntimeError(f"{world} ranks: a rank exited with code {bad[0]}")
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def summarise(world: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str, r: dict[str, Any]) -> float:
+        return statistics.median(r["times"][key])
+
+    inv = [med("inverse", r) for r in ranks]
+    return {
+        "ranks": world,
+        "factors_per_rank": [len(r["owned"]) for r in ranks],
+        "cost_share_max": max(r["owned_cost"] for r in ranks) / sum(r["owned_cost"] for r in ranks),
+        "inverse_s_max": max(inv),
+        "inverse_s_mean": sum(inv) / world,
+        "inverse_s_per_rank": inv,
+        "share_all_gather_s": max(med("share_all_gather", r) for r in ranks),
+        "share_all_reduce_s": max(med("share_all_reduce", r) for r in ranks),
+        "inverse_s_max_min": max(min(r["times"]["inverse"]) for r in ranks),
+        "inverse_cpu_s_max": max(med("inverse_cpu", r) for r in ranks),
+        "share_all_gather_cpu_s": max(med("share_all_gather_cpu", r) for r in ranks),
+        "share_all_reduce_cpu_s": max(med("share_all_reduce_cpu", r) for r in ranks),
+        "share_all_gather_s_min": max(min(r["times"]["share_all_gather"]) for r in ranks),
+        "share_all_reduce_s_min": max(min(r["times"]["share_all_reduce"]) for r in ranks),
+        "average_small_check_off_s": max(r["average_small_s"]["off"] for r in ranks),
+        "average_small_check_on_s": max(r["average_small_s"]["on"] for r in ranks),
+        "identical_to_rank0": all(r["identical_to_rank0"] for r in ranks),
+        "max_residual": max(r["max_residual"] for r in ranks),
+        "per_rank": ranks,
+    }
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    head = ("ranks", "factors/rank", "max cost share", "inverse CPU s (slowest)", "inverse wall s (slowest)",
+            "share all_gather wall/CPU s", "share all_reduce wall/CPU s", "small average_ check off/on ms")
+    lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
+    for r in rows:
+        lines.append(" | ".join([
+            str(r["ranks"]),
+            "/".join(str(n) for n in r["factors_per_rank"]),
+            f"{r['cost_share_max']:.2f}",
+            f"{r['inverse_cpu_s_max']:.3f}",
+            f"{r['inverse_s_max']:.3f}",
+            f"{r['share_all_gather_s']:.3f}/{r['share_all_gather_cpu_s']:.3f}",
+            f"{r['share_all_reduce_s']:.3f}/{r['share_all_reduce_cpu_s']:.3f}",
+            f"{1e3 * r['average_small_check_off_s']:.3f}/{1e3 * r['average_small_check_on_s']:.3f}",
+        ]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="world sizes to run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (after one warm-up)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per world size")
+    parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS,
+                        help="layer widths of the MLP whose factors are inverted (default: the MNIST autoencoder)")
+    args = parser.parse_args(argv)
+    if any(w < 1 for w in args.ranks) or args.repeats < 1:
+        parser.error("--ranks and --repeats must be >= 1")
+    if len(args.widths) < 2 or any(w < 1 for w in args.widths):
+        parser.error("--widths needs at least two widths >= 1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rows = []
+    for world in args.ranks:
+        rows.append(summarise(world, run_world(world, args.repeats, args.dtype, args.timeout, args.widths)))
+        print(f"ranks={world} done", file=sys.stderr, flush=True)
+    print(render(rows))
+    for r in rows:
+        if not r["identical_to_rank0"] or r["max_residual"] > 1e-3:
+            print(f"ranks={r['ranks']}: inverses NOT identical/correct: residual {r['max_residual']:.2e}",
+                  file=sys.stderr)
+            return 1
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": "python -m benchmarks.distributed " + " ".join(sys.argv[1:] if argv is None else argv),
+                "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                "factor_sizes": factor_sizes(args.widths), "dtype": args.dtype, "repeats": args.repeats}
+        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
