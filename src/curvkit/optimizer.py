@@ -88,6 +88,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             :meth:`update_curvature` (for example ``"cross_entropy"``).
         strict: raise instead of warning when statistics are due but :meth:`step` finds no new
             evidence (stale curvature), and when a loaded state holds non-finite values.
+        process_group: the :mod:`torch.distributed` group of the data-parallel replicas
+            (default: the whole world).
+        distributed: ``None`` (default) = on when a process group with more than one rank is
+            initialised at construction. Then, for every method, the replicas see the curvature
+            of the global batch and stay identical: sampled gradients (TNT) are averaged over the
+            ranks before they are used (weighted by batch size), layer statistics (KFAC) are
+            averaged after each update, and minibatch gradients are taken as DDP averaged them.
+            An estimator whose statistics are not linear in the evidence (K-BFGS) is refused
+            unless ``distributed=False`` (each rank then keeps its own factors and the replicas
+            drift apart: only for experiments).
+        divide_inverses: with ``distributed`` on, each factor's inversion is owned by one rank
+            (assigned at plan time, balanced by cost :math:`d^3`) and the results are shared with
+            one collective per inversion step.
     """
 
     def __init__(
@@ -111,6 +124,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         sync_statistics: bool = False,
         loss: LossSpec | None = None,
         strict: bool = False,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        divide_inverses: bool = True,
     ) -> None:
         for name, part, kind in (
             ("estimator", estimator, CurvatureEstimator),
@@ -176,17 +192,50 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             estimator, self._blocks, self._states.estimator_state, self._run, self._health,
             model=model, nonfinite=nonfinite, seed=self._seed,
         )
-        self._collector.sync_statistics = sync_statistics
-        if sync_statistics:
+        self._distributor = self._make_distributor(process_group, distributed, sync_statistics)
+        self.divide_inverses = bool(divide_inverses) and self._distributor is not None
+        self._collector.sync_statistics = sync_statistics or self._distributor is not None
+        if sync_statistics and self._distributor is None:
             from .engine.sync import StatisticsAverager
 
-            self._collector.distributor = StatisticsAverager()
+            self._collector.distributor = StatisticsAverager(process_group)
+        else:
+            self._collector.distributor = self._distributor
+        self._owners: dict[tuple[int, int], int] = {}
         self._update = UpdateRule(preconditioner, self._health, nonfinite=nonfinite)
         self._used_grads: dict[int, tuple[weakref.ref, int]] = {}
         self._build_plan()
         self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
 
     # ------------------------------------------------------------------ construction helpers
+    def _make_distributor(self, process_group: Any, distributed: bool | None, sync_statistics: bool) -> Any:
+        """A :class:`~curvkit.distributed.Distributor` when replicas must agree, else ``None``."""
+        import torch.distributed as dist
+
+        if distributed is not None and not isinstance(distributed, bool):
+            raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
+        ready = dist.is_available() and dist.is_initialized()
+        if distributed is False or (distributed is None and not ready):
+            return None
+        if not ready:
+            raise ValueError(
+                "distributed=True needs an initialised torch.distributed process group "
+                "(torch.distributed.init_process_group) before the optimizer is built"
+            )
+        from .distributed import make_distributor
+
+        distributor = make_distributor(process_group)
+        if distributor.world_size < 2 and not sync_statistics:
+            return None
+        if not self.estimator.linear_statistics and self.estimator.evidence.layer_io:
+            raise ValueError(
+                f"estimator {self.estimator.name!r} keeps statistics that are not linear in the evidence, "
+                f"so they cannot be averaged over the {distributor.world_size} ranks of the process group "
+                f"and the replicas would drift apart: pass distributed=False to keep per-rank factors anyway "
+                f"(an experiment, not data parallelism), or use a method with linear statistics (TNT, KFAC, Shampoo)"
+            )
+        return distributor
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group = dict(param_group)
         raw = param_group.get("params")
@@ -467,6 +516,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     state["inverses"][mode] = None
         if not requests:
             return
+        if self.divide_inverses and self.inverter.produces == "matrix":
+            self._invert_divided(requests)
+            return
         results = invert_all(self.inverter, requests, self._health)
         refreshed: set[int] = set()
         for (bi, mode), inv in results.items():
@@ -477,6 +529,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     state["inverse_version"] = state.get("inverse_version", 0) + 1
                 inv = EigenBasis(inv[0], inv[1], state["inverse_version"])
             state["inverses"][mode] = inv
+
+    def _owner(self, key: tuple[int, int]) -> int:
+        """The rank that inverts factor ``key`` = (block, mode), balanced by cost at first use."""
+        if key not in self._owners:
+            from .distributed import inverse_cost
+
+            units = [(bi, m) for bi, b in enumerate(self._blocks) for m, f in enumerate(b.factored) if f]
+            owners = self._distributor.assign([inverse_cost(self._blocks[bi].shape[m]) for bi, m in units])
+            self._owners = dict(zip(units, owners))
+        return self._owners.get(key, 0)
+
+    def _invert_divided(self, requests: Sequence[InversionRequest]) -> None:
+        """Each rank inverts the factors it owns; one collective shares every result."""
+        rank = self._distributor.rank
+        owners = [self._owner(r.key) for r in requests]
+        mine = [r for r, o in zip(requests, owners) if o == rank]
+        results = invert_all(self.inverter, mine, self._health) if mine else {}
+        shared = []
+        for r in requests:
+            m = r.factor.matrix
+            inv = results.get(r.key)
+            if r.key in results and inv is None:  # identity on this mode, shared as a matrix
+                inv = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+            shared.append(inv.contiguous() if inv is not None else torch.zeros_like(m))
+        self._distributor.share_(shared, owners, call="invert", step=self._run.step)
+        for r, inv in zip(requests, shared):
+            self._state_of(self._blocks[r.key[0]])["inverses"][r.key[1]] = inv
 
     def _check_params(self, active: Sequence[int]) -> None:
         for bi in active:

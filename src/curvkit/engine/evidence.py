@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .._tree import tensors_in
 from ..blocks import Block
 from ..fisher import LossSpec, sampled_loss
 from ..hooks import LayerRecorder
@@ -157,7 +158,7 @@ class EvidenceCollector:
     def sampled(self, outputs: Tensor, loss: LossSpec, due: list[int], *, reduction: str | None, **loss_options: Any) -> bool:
         """Run the sampled backward for blocks ``due`` (accumulating over micro-batches)."""
         run = self.run
-        if self.sync_statistics and self.distributor is not None:
+        if self.sync_statistics and hasattr(self.distributor, "check_ready"):
             self.distributor.check_ready()
         if run.stats_taken_at == run.step and not self._pending_ids:
             raise RuntimeError(
@@ -231,10 +232,23 @@ class EvidenceCollector:
         ids, pending, n, batches = self._pending_ids, self._pending, self._pending_n, self.run.pending_batches
         self._pending_ids, self._pending, self._pending_n = [], {}, 0
         self.run.pending_batches = 0
-        if batches > 1:
+        distributor = self.distributor if self.sync_statistics else None
+        if distributor is not None and hasattr(distributor, "average_"):
+            # the global batch's sampled gradient: sum_r sum_i n_i g_i / sum_r n_r over the ranks
+            if batches == 1:
+                for g in pending.values():
+                    g.mul_(n)
+            first = next(iter(pending.values()))
+            count = torch.full((), float(n), dtype=first.dtype, device=first.device)
+            order = self._param_order  # the same parameter order on every rank (ids differ)
+            keys = sorted(pending, key=lambda k: order.get(k, 0))
+            distributor.average_([pending[k] for k in keys] + [count], call="update_curvature", step=self.run.step)
+            for g in pending.values():
+                g.div_(count)
+        elif batches > 1:
             for g in pending.values():
                 g.div_(n)
-        self.feed(ids, pending, batch_size=n)
+        self.feed(ids, pending, batch_size=n, averaged=distributor is not None)
 
     def gradients(self, grads: Sequence[Tensor | None], params: Sequence[Tensor], due: list[int]) -> None:
         """The low-level form: one curvature gradient per parameter, fed at once."""
@@ -250,8 +264,12 @@ class EvidenceCollector:
         *,
         decay: float | None = None,
         batch_size: int | None = None,
+        averaged: bool = False,
     ) -> None:
-        """Fold evidence into the statistics of ``block_ids`` (fault-tolerant, no host reads)."""
+        """Fold evidence into the statistics of ``block_ids`` (fault-tolerant, no host reads).
+
+        Under a distributor, statistics are averaged over the ranks after the update unless the
+        evidence itself was already ``averaged`` (the sampled gradient of the global batch)."""
         blocks = [self.blocks[bi] for bi in block_ids]
         evid = [[grads_by_param.get(id(p)) for p in b.params] for b in blocks]
         present = [(i, g) for i, gl in enumerate(evid) for g in gl if g is not None]
@@ -297,8 +315,22 @@ class EvidenceCollector:
                     )
                 else:
                     self.run.ever_had_stats = True
-        if self.sync_statistics and self.distributor is not None:
-            self.distributor.average_statistics([self.states(self.blocks[bi]) for bi in block_ids])
+        if self.sync_statistics and self.distributor is not None and not averaged:
+            states = [self.states(self.blocks[bi]) for bi in block_ids]
+            if hasattr(self.distributor, "average_statistics"):
+                self.distributor.average_statistics(states)
+            elif not self._reads_synced_gradients():
+                tensors = [t for st in states for t in tensors_in(st) if t.is_floating_point()]
+                self.distributor.average_(tensors, call="statistics", step=self.run.step)
+
+    def _reads_synced_gradients(self) -> bool:
+        """Minibatch-gradient estimators without layer records read ``p.grad``, which DDP has
+        already averaged over the ranks: their statistics agree without a collective."""
+        return self.spec.source is Source.MINIBATCH and not self.spec.layer_io
+
+    @property
+    def _param_order(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(p for b in self.blocks for p in b.params)}
 
     # ------------------------------------------------------------------ warm start
     def warm_start(

@@ -58,10 +58,10 @@ class TensorNormalConfig(PartConfig):
         normalize: apply the same-trace normalisation (TNT); ``False`` inverts the raw
             statistics.
         relative_damping: scale-free damping. ``False`` (the paper) adds the absolute
-            :math:`\epsilon` to every normalised factor, so where damping dominates a block of
-            ``k`` modes moves about :math:`g / \epsilon^k` -- the preconditioner's shape then
+            :math:`\\epsilon` to every normalised factor, so where damping dominates a block of
+            ``k`` modes moves about :math:`g / \\epsilon^k` -- the preconditioner's shape then
             depends on the block's order and on the evidence's scale. ``True`` adds
-            :math:`\epsilon c` to each factor, :math:`c` being the normalised factors' common
+            :math:`\\epsilon c` to each factor, :math:`c` being the normalised factors' common
             average eigenvalue, so the damping is a fixed fraction of each factor's own
             spectrum: scaling the evidence by :math:`s` scales the direction by exactly
             :math:`1/s^2`, its shape unchanged (see the tuning guide).
