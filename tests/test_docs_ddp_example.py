@@ -1,8 +1,8 @@
 """docs/examples/ddp_tnt.py, as docs/howto/distributed.rst runs it: two CPU processes under DDP.
 
-Rank-local sampled statistics must make the replicas drift apart (the caveat the page states);
-the synchronised recipe, and minibatch evidence (read after DDP's gradient average), must keep
-them bit-identical."""
+Rank-local sampled statistics (``distributed=False``) must make the replicas drift apart; the
+default (the sampled gradient averaged over the ranks) and minibatch evidence (read after DDP's
+gradient average) must keep them bit-identical."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_ddp_example_replicas():
         check=True, capture_output=True, text=True, timeout=300,
     ).stdout
     spread = {mode: float(v) for mode, v in re.findall(r"^statistics (\w+)\s+.*: (\S+)$", out, re.M)}
-    assert set(spread) == {"local", "synced", "minibatch"}, out
+    assert set(spread) == {"local", "default", "minibatch"}, out
     assert spread["local"] > 1e-3
-    assert spread["synced"] == 0.0
+    assert spread["default"] == 0.0
     assert spread["minibatch"] == 0.0

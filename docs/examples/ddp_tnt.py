@@ -1,14 +1,16 @@
-"""TNT under DistributedDataParallel, with the curvature statistics synchronised across ranks.
+"""TNT under DistributedDataParallel: the replicas see the global batch's curvature by default.
 
 Run on CPU with two processes::
 
     torchrun --nproc_per_node 2 docs/examples/ddp_tnt.py
 
 DDP averages the *gradients* across ranks inside ``loss.backward()``, but the sampled-target
-backward of ``opt.update_curvature(outputs, loss=...)`` is rank-local: without synchronisation
-each rank's statistics come from its own batch, the ranks invert different factors and their
-replicas drift apart. ``sync_statistics=True`` averages the statistics over the ranks after every
-statistics update (one all-reduce), so every rank holds the statistics of the global batch.
+backward of ``opt.update_curvature(outputs, loss=...)`` goes through :func:`torch.autograd.grad`,
+which DDP does not intercept. Under an initialised process group the optimizer therefore averages
+the sampled gradient over the ranks itself (one all-reduce per statistics step) before forming
+the statistics, so every rank holds the statistics of the global batch and the replicas stay
+identical. ``distributed=False`` turns that off: each rank's statistics then come from its own
+batch, the ranks invert different factors and their replicas drift apart.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 import curvkit
 
 
-#: How the statistics are taken: ``"local"`` (each rank's own batch), ``"synced"``
-#: (``sync_statistics=True``: averaged over the ranks), ``"minibatch"`` (TNT's empirical ablation,
-#: whose statistics are read from ``p.grad`` after DDP has averaged it).
-MODES = ("local", "synced", "minibatch")
+#: How the statistics are taken: ``"local"`` (``distributed=False``: each rank's own batch),
+#: ``"default"`` (the sampled gradient averaged over the ranks), ``"minibatch"`` (TNT's empirical
+#: ablation, whose statistics are read from ``p.grad`` after DDP has averaged it).
+MODES = ("local", "default", "minibatch")
 
 
 def train(rank: int, *, steps: int, mode: str) -> Tensor:
@@ -37,7 +39,7 @@ def train(rank: int, *, steps: int, mode: str) -> Tensor:
     evidence = "empirical" if mode == "minibatch" else "sampled"
     opt = curvkit.TNT(model.parameters(), lr=1e-2, damping=0.1, evidence=evidence,
                       seed=1000 + rank,  # each rank samples its own targets
-                      sync_statistics=(mode == "synced"))
+                      distributed=False if mode == "local" else None)
     data = torch.Generator().manual_seed(3000 + rank)     # each rank sees its own batches
     for _ in range(steps):
         x = torch.randn(16, 6, generator=data)

@@ -307,9 +307,9 @@ class Preconditioner(Part):
     group (one ``bmm`` over the stacked buffers, say) overrides it.
     """
 
-    #: The kinds of per-mode entries this preconditioner can apply: ``"matrix"`` (dense
-    #: tensors), ``"eigenbasis"`` (:class:`~curvkit.operators.EigenBasis`), ``"operator"``
-    #: (any :class:`~curvkit.operators.InverseOperator`). :func:`curvkit.compose` checks the
+    #: Per-mode entries this preconditioner can apply -- ``"matrix"`` for dense tensors,
+    #: ``"eigenbasis"`` for :class:`~curvkit.operators.EigenBasis`, ``"operator"`` for any
+    #: :class:`~curvkit.operators.InverseOperator`; :func:`curvkit.compose` checks the
     #: inverter's :attr:`Inverter.produces` against it when it builds.
     accepts: ClassVar[tuple[str, ...]] = ("matrix", "eigenbasis", "operator")
 

@@ -43,7 +43,7 @@ from .interfaces import CurvatureEstimator, Inverter, Preconditioner, Source
 from .operators import EigenBasis
 from .safeguards import InversionRequest, invert_all
 
-__all__ = ["CurvatureOptimizer", "GROUP_OPTIONS"]
+__all__ = ["CurvatureOptimizer"]
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):

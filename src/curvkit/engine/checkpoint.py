@@ -4,7 +4,7 @@ r"""The optimizer's state dict, in torch's per-parameter layout.
 parameter index and ``"param_groups"`` with index lists -- so checkpoint tools that understand
 torch's layout (``torch.distributed.checkpoint.state_dict``) can map, save and reshard it. Each
 block's state lives under the index of the block's first parameter as one *flat* dict of tensors
-and plain values (keys like ``"estimator/grams/0"``, see :func:`curvkit._tree.flatten_state`). One
+and plain values (keys like ``"estimator/grams/0"``; lists record their length under ``".../__len__"``). One
 extra entry, ``"curvkit"``, holds the method signature (part names and configs), the run counters,
 the sampling generators, the block layout (names and view shapes, for messages) and the health
 counters.

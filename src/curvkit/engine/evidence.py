@@ -16,7 +16,7 @@ batch -- and fed once, when ``step()`` runs (or when the state is inspected).
 
 Feeding is fault-tolerant without host reads: each block's evidence gets a device flag (finite
 or not, from one fused norm per dtype and device); non-finite evidence is replaced by zeros and
-the flag goes to the estimator as :attr:`~curvkit.BlockEvidence.valid`, and the fault is counted
+the flag goes to the estimator as ``BlockEvidence.valid``, and the fault is counted
 on the device.
 """
 

@@ -3,7 +3,7 @@ r"""Health counters: every numerical fallback and misuse, counted per block.
 Faults found on the device during ordinary steps (non-finite gradients, evidence, directions)
 are counted in integer tensors on the device by masked additions, so a steady-state step never
 reads a tensor value on the host. The counts are read -- and a warning is emitted once per kind
-of fault -- only at *sync points*: :meth:`HealthMonitor.report` (``opt.health()``), and the end of
+of fault -- only at *sync points*: :meth:`HealthMonitor.sync` (``opt.health()``), and the end of
 steps that invert (which synchronise anyway). Faults decided on the host (inversion retries,
 statistics restarts, missing evidence) are counted directly.
 """
