@@ -33,7 +33,7 @@ from ..blocks import Block
 from ..fisher import LossSpec, sampled_loss
 from ..hooks import LayerRecorder
 from ..interfaces import BlockEvidence, CurvatureEstimator, Source
-from .health import HealthMonitor
+from .health import HealthMonitor, index_tensor
 from .runstate import RunState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +58,7 @@ def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     out = torch.ones(len(tensors), dtype=torch.bool, device=device)
     for idx in buckets.values():
         norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx]))
-        out[torch.tensor(idx, device=device)] = torch.isfinite(norms).to(device)
+        out[index_tensor(idx, device)] = torch.isfinite(norms).to(device)
     return out
 
 
@@ -289,9 +289,7 @@ class EvidenceCollector:
             ids = sorted(per_block)
             ok = torch.stack([per_block[i] for i in ids])
             self.health.count_device(
-                "skipped_nonfinite_evidence",
-                torch.tensor([block_ids[i] for i in ids], device=ok.device),
-                ~ok,
+                "skipped_nonfinite_evidence", index_tensor([block_ids[i] for i in ids], ok.device), ~ok
             )
             for i in ids:
                 valid[i] = per_block[i]

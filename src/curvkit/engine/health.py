@@ -18,7 +18,21 @@ from torch import Tensor
 
 from ..safeguards import HEALTH_COUNTERS, CurvkitWarning
 
-__all__ = ["DEVICE_COUNTERS", "HealthMonitor", "MESSAGES"]
+__all__ = ["DEVICE_COUNTERS", "HealthMonitor", "MESSAGES", "index_tensor"]
+
+_INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+
+def index_tensor(ids: Sequence[int], device: torch.device) -> Tensor:
+    """A cached int64 tensor of ``ids`` on ``device``: building one from a Python list is a
+    host-to-device copy, which synchronises on CUDA; the hot path reuses the cached one."""
+    key = (tuple(ids), torch.device(device))
+    t = _INDEX_CACHE.get(key)
+    if t is None:
+        if len(_INDEX_CACHE) > 4096:
+            _INDEX_CACHE.clear()
+        t = _INDEX_CACHE[key] = torch.tensor(key[0], dtype=torch.int64, device=device)
+    return t
 
 #: Counters kept on the device (incremented by masks, read only at sync points).
 DEVICE_COUNTERS = ("skipped_nonfinite_grad", "skipped_nonfinite_evidence", "skipped_nonfinite_direction")

@@ -27,7 +27,7 @@ from ..blocks import Block
 from ..estimators.tensor_normal import statistics_dtype
 from ..interfaces import Preconditioner
 from .evidence import finite_flags
-from .health import HealthMonitor
+from .health import HealthMonitor, index_tensor
 
 __all__ = ["UpdateRule"]
 
@@ -73,7 +73,7 @@ class UpdateRule:
                 if not good:
                     raise FloatingPointError(f"non-finite gradient in block {b.name!r} at step {step}")
         device = ok_g.device
-        ids = torch.tensor(list(block_ids), device=device)
+        ids = index_tensor(block_ids, device)
         self.health.count_device("skipped_nonfinite_grad", ids, ~ok_g)
         safe = [torch.where(ok_g[i], g, _zeros_like_scalar(g)) for i, g in enumerate(grads)]
 
@@ -92,7 +92,7 @@ class UpdateRule:
             by_coeffs[(mu, keep)].append(i)
         for (mu, keep), idx in by_coeffs.items():
             bufs = [buffers[i] for i in idx]
-            mu_eff = _where_scalar(ok_g[torch.tensor(idx, device=device)], mu, 1.0, bufs[0].dtype)
+            mu_eff = _where_scalar(ok_g[index_tensor(idx, device)], mu, 1.0, bufs[0].dtype)
             torch._foreach_mul_(bufs, list(mu_eff.unbind(0)))
             torch._foreach_add_(bufs, [safe[i] for i in idx], alpha=keep)
 
