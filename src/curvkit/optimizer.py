@@ -275,6 +275,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._group_of_param = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self._shapes = [tuple(tuple(p.shape) for p in b.params) for b in self._blocks]
         self._collector.plan_changed()
+        for device in {p.device for b in blocks for p in b.params}:  # sampler state, saved from the start
+            self._collector.generator(device)
+        for b in blocks:  # the whole state exists from the start (checkpoint tools load into it)
+            self._states.complete(
+                b,
+                momentum=self.param_groups[b.group]["momentum"] != 0,
+                eigenbasis=self.inverter.produces == "eigenbasis",
+                inverses=not self.estimator.factors_are_inverses,
+            )
 
     # ------------------------------------------------------------------ public introspection
     @property
@@ -510,7 +519,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if f is not None:
                     prev = previous[mode] if previous is not None else None
                     requests.append(InversionRequest((bi, mode), f, b.order, prev))
-            state["inverses"] = [None] * len(factors) if previous is None else list(previous)
+            kept = list(previous) if previous is not None else []
+            state["inverses"] = (kept + [None] * len(factors))[: len(factors)]
             for mode, f in enumerate(factors):
                 if f is None:
                     state["inverses"][mode] = None
@@ -527,7 +537,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if bi not in refreshed:
                     refreshed.add(bi)
                     state["inverse_version"] = state.get("inverse_version", 0) + 1
-                inv = EigenBasis(inv[0], inv[1], state["inverse_version"])
+                inv = EigenBasis(inv[0].contiguous(), inv[1].contiguous(), state["inverse_version"])
+            elif isinstance(inv, Tensor):  # row-major, as a checkpoint restores it: same products
+                inv = inv.contiguous()
             state["inverses"][mode] = inv
 
     def _owner(self, key: tuple[int, int]) -> int:

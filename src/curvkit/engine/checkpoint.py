@@ -4,10 +4,12 @@ r"""The optimizer's state dict, in torch's per-parameter layout.
 parameter index and ``"param_groups"`` with index lists -- so checkpoint tools that understand
 torch's layout (``torch.distributed.checkpoint.state_dict``) can map, save and reshard it. Each
 block's state lives under the index of the block's first parameter as one *flat* dict of tensors
-and plain values (keys like ``"estimator/grams/0"``; lists record their length under ``".../__len__"``). One
-extra entry, ``"curvkit"``, holds the method signature (part names and configs), the run counters,
-the sampling generators, the block layout (names and view shapes, for messages) and the health
-counters.
+and plain values (keys like ``"estimator/grams/0"``; lists record their length under
+``".../__len__"``), with the block's position, name, view shape and health counters under
+``"meta/..."`` keys. The optimizer-level metadata -- the method signature (part names and
+configs), the run counters and the sampling generators -- sits in the first param group under
+``"curvkit"``: :mod:`torch.distributed.checkpoint` keeps exactly ``"state"`` and
+``"param_groups"``, so nothing lives elsewhere.
 
 Loading matches blocks by *position and shape*, as :mod:`torch.optim` matches parameters, so a
 state saved from a wrapped model (``module.`` or ``_orig_mod.`` prefixes) or built from
@@ -31,7 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["FORMAT", "compare_methods", "load", "method_signature", "save"]
 
 #: Version of the layout written by :func:`save` (1 = the wave-1 layout, still readable).
-FORMAT = 2
+FORMAT = 3
+#: The key, in the first param group, of the optimizer-level metadata.
+META = "curvkit"
 
 
 def method_signature(opt: "CurvatureOptimizer") -> dict[str, Any]:
@@ -83,23 +87,25 @@ def save(opt: "CurvatureOptimizer") -> dict[str, Any]:
             index.setdefault(id(p), len(index))
             packed["params"].append(index[id(p)])
         groups.append(packed)
-    state = {index[id(b.params[0])]: flatten_state(opt._state_of(b)) for b in opt._blocks}
-    return {
-        "state": state,
-        "param_groups": groups,
-        "curvkit": {
-            "format": FORMAT,
-            "method": method_signature(opt),
-            "run": opt._run.to_dict(),
-            "seed": opt._seed,
-            "generators": {k: g.get_state() for k, g in opt._collector.generators.items()},
-            "blocks": [
-                {"name": b.name, "shape": list(b.shape), "params": [index[id(p)] for p in b.params]}
-                for b in opt._blocks
-            ],
-            "health": opt._health.state(),
-        },
+    health = opt._health.state()
+    state = {}
+    for bi, b in enumerate(opt._blocks):
+        flat = flatten_state(opt._state_of(b))
+        flat["meta/block"] = bi
+        flat["meta/name"] = b.name
+        flat["meta/view"] = "x".join(str(d) for d in b.shape)
+        for counter, value in health[bi].items():
+            flat[f"meta/health/{counter}"] = value
+        state[index[id(b.params[0])]] = flat
+    groups[0][META] = {
+        "format": FORMAT,
+        "method": method_signature(opt),
+        "run": opt._run.to_dict(),
+        "seed": opt._seed,
+        "generators": {k: g.get_state() for k, g in opt._collector.generators.items()},
+        "blocks": len(opt._blocks),
     }
+    return {"state": state, "param_groups": groups}
 
 
 def _from_format_1(extra: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -114,46 +120,64 @@ def _from_format_1(extra: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[st
     return states, run
 
 
+def _split_meta(state_dict: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    groups = state_dict.get("param_groups") or [{}]
+    meta = groups[0].get(META) if isinstance(groups[0], dict) else None
+    if meta is None and isinstance(state_dict.get(META), dict):  # the wave-1 layout
+        meta = state_dict[META]
+    return meta, state_dict
+
+
+def _by_block(packed: dict[Any, Any]) -> list[dict[str, Any]]:
+    """Saved flat block states in block order (keys may be indices or names after DCP)."""
+    states = [v for v in packed.values() if isinstance(v, dict) and "meta/block" in v]
+    return sorted(states, key=lambda v: int(v["meta/block"]))
+
+
+def _strip_meta(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    meta = {k[5:]: v for k, v in flat.items() if k.startswith("meta/")}
+    return unflatten_state({k: v for k, v in flat.items() if not k.startswith("meta/")}), meta
+
+
 def load(opt: "CurvatureOptimizer", state_dict: dict[str, Any], *, strict: bool) -> None:
-    """Restore ``state_dict`` into ``opt`` (blocks matched by position and shape)."""
-    sd = dict(state_dict)
-    extra = sd.pop("curvkit", None)
+    """Restore ``state_dict`` into ``opt`` (blocks matched by position and view shape)."""
+    extra, sd = _split_meta(dict(state_dict))
     if not isinstance(extra, dict) or extra.get("format") not in (1, FORMAT):
         raise ValueError(
-            "not a curvkit optimizer state dict (missing or unknown 'curvkit' entry); save it with "
+            "not a curvkit optimizer state dict (missing or unknown 'curvkit' metadata); save it with "
             "opt.state_dict() of a curvkit optimizer"
         )
     compare_methods(opt, extra["method"], options=False)
-    saved_blocks = extra["blocks"]
-    shapes_saved = [tuple(s["shape"]) for s in saved_blocks]
     shapes_mine = [b.shape for b in opt._blocks]
-    if shapes_saved != shapes_mine:
+    if extra["format"] == 1:
+        saved_blocks = extra["blocks"]
         got = [(s["name"], tuple(s["shape"])) for s in saved_blocks]
+        block_states, run = _from_format_1(extra)
+        health = [b.get("health", {}) for b in saved_blocks]
+    else:
+        flats = _by_block(sd.get("state", {}))
+        block_states, metas = [], []
+        for flat in flats:
+            st, meta = _strip_meta(flat)
+            block_states.append(st)
+            metas.append(meta)
+        got = [(m["name"], tuple(int(d) for d in str(m["view"]).split("x"))) for m in metas]
+        run = extra["run"]
+        health = [
+            {k[len("health/"):]: int(v) for k, v in m.items() if k.startswith("health/")} for m in metas
+        ]
+    if [shape for _, shape in got] != shapes_mine:
         have = [(b.name, b.shape) for b in opt._blocks]
         raise ValueError(
             f"state dict has a different block layout (matched by position and view shape): saved {got}, "
             f"optimizer has {have}"
         )
-    if extra["format"] == 1:
-        block_states, run = _from_format_1(extra)
-        health = [b.get("health", {}) for b in saved_blocks]
-    else:
-        packed = sd.get("state", {})
-        block_states = []
-        for s in saved_blocks:
-            key = s["params"][0]
-            flat = packed.get(key, packed.get(str(key)))
-            if flat is None:
-                raise ValueError(f"state dict has no state for block {s['name']!r} (parameter index {key})")
-            block_states.append(unflatten_state(flat))
-        run = extra["run"]
-        health = extra.get("health", [{} for _ in saved_blocks])
     for b, st in zip(opt._blocks, block_states):
         opt.estimator.check_state(b, st["estimator"])
     compare_methods(opt, extra["method"])
     _load_groups(opt, sd.get("param_groups", []))
     opt.state.clear()
-    for bi, (b, st) in enumerate(zip(opt._blocks, block_states)):
+    for b, st in zip(opt._blocks, block_states):
         device = b.params[0].device
         opt.state[b.params[0]] = map_tensors(lambda t: t.detach().to(device=device, copy=True), st)
     opt._health.load(health)
@@ -198,18 +222,37 @@ def _load_groups(opt: "CurvatureOptimizer", saved: list[dict[str, Any]]) -> None
                 f"optimizer's has {len(mine['params'])}"
             )
         for key, value in theirs.items():
-            if key != "params":
+            if key not in ("params", META):
                 mine[key] = value
 
 
 def block_states(state_dict: dict[str, Any]) -> list[dict[str, Any]]:
     """The nested state of every block of a saved state dict, in block order (for inspection
     and tests; the saved layout is flat per parameter)."""
-    packed = state_dict["state"]
-    return [unflatten_state(packed[b["params"][0]]) for b in state_dict["curvkit"]["blocks"]]
+    return [_strip_meta(flat)[0] for flat in _by_block(state_dict["state"])]
 
 
 def set_block_state(state_dict: dict[str, Any], index: int, state: dict[str, Any]) -> None:
     """Replace the saved state of block ``index`` by a nested ``state`` (in place)."""
-    key = state_dict["curvkit"]["blocks"][index]["params"][0]
-    state_dict["state"][key] = flatten_state(state)
+    for key, flat in state_dict["state"].items():
+        if isinstance(flat, dict) and flat.get("meta/block") == index:
+            meta = {k: v for k, v in flat.items() if k.startswith("meta/")}
+            state_dict["state"][key] = {**flatten_state(state), **meta}
+            return
+    raise KeyError(f"no saved state for block {index}")
+
+
+def block_layout(state_dict: dict[str, Any]) -> list[dict[str, Any]]:
+    """``{"name", "shape"}`` of every saved block, in block order."""
+    out = []
+    for flat in _by_block(state_dict["state"]):
+        out.append({"name": flat["meta/name"], "shape": tuple(int(d) for d in str(flat["meta/view"]).split("x"))})
+    return out
+
+
+def metadata(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer-level metadata of a saved state dict (method, run counters, ...)."""
+    meta, _ = _split_meta(state_dict)
+    if meta is None:
+        raise ValueError("not a curvkit optimizer state dict")
+    return meta

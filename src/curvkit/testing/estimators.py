@@ -141,9 +141,9 @@ def _check_misuse(who: str, problem: Problem, make_opt, layer_io: bool, source: 
 
 
 def _check_state_validation(who: str, problem: Problem, make_opt, sd: dict) -> None:
-    from ..engine.checkpoint import block_states, set_block_state
+    from ..engine.checkpoint import block_layout, block_states, set_block_state
 
-    blocks = sd["curvkit"]["blocks"]
+    blocks = block_layout(sd)
     saved = block_states(sd)
     kron = [i for i, s in enumerate(saved) if s["estimator"]]
     pair = next(((i, j) for i in kron for j in kron
