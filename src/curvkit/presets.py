@@ -19,9 +19,12 @@ patterns) to ``adamw``; ``None`` keeps the method's own handling. See :doc:`/con
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
+
+from .blocks import view_shape_for
 
 from .config import check_choice, check_in_unit_interval, check_positive
 from .methods import compose
@@ -39,6 +42,27 @@ def _embedding_names(model: nn.Module | None) -> tuple[str, ...]:
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             names += [f"{mname}.{pname}" if mname else pname for pname, _ in module.named_parameters(recurse=False)]
     return tuple(names)
+
+
+def _split_for_adamw(
+    params: Iterable[Any], model: nn.Module | None, patterns: Sequence[str], adamw_lr: float
+) -> list[dict[str, Any]]:
+    """Two param groups: the matrices Muon models, and the rest with ``lr=adamw_lr`` (so that
+    the rest also gets AdamW's decoupled weight decay :math:`\\eta_{adamw}\\lambda`)."""
+    items = list(params)
+    if any(isinstance(i, dict) for i in items):
+        raise ValueError(
+            "adamw_lr splits the parameters into two param groups and cannot split param-group dicts: "
+            "pass plain parameters, or give the AdamW blocks their lr in your own param groups"
+        )
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    muon, rest = [], []
+    for item in items:
+        name, p = item if isinstance(item, tuple) else (names.get(id(item)), item)
+        shape, _ = view_shape_for(p.shape)
+        named_out = name is not None and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        (muon if len(shape) >= 2 and not named_out else rest).append(item)
+    return [g for g in ({"params": muon}, {"params": rest, "lr": adamw_lr}) if g["params"]]
 
 
 def routed(
@@ -287,18 +311,18 @@ def Muon(
     batched iteration. With ``route_unmodelled="adamw"`` (default) vectors and scalars, embeddings
     (found through ``model=``) and blocks matching the ``unmodelled`` name patterns (an output
     head, say ``("fc_out.*",)``) get :class:`torch.optim.AdamW`'s update with ``adamw_betas``,
-    ``adamw_eps`` and learning rate ``adamw_lr`` (default ``lr``; with
-    ``adjust_lr_fn="match_rms_adamw"`` one learning rate suits both, Liu et al.) and the same
-    weight decay. Parts: ``none`` + ``identity`` + ``partition`` of ``muon`` and ``adamw``.
+    ``adamw_eps``, the same weight decay and learning rate ``adamw_lr`` (default ``lr``; with
+    ``adjust_lr_fn="match_rms_adamw"`` one learning rate suits both, Liu et al.; a separate
+    ``adamw_lr`` puts those parameters in a second param group, so pass plain parameters). Parts: ``none`` + ``identity`` + ``partition`` of ``muon`` and ``adamw``.
     """
     adjust = "original" if adjust_lr_fn is None else adjust_lr_fn
     a1, a2 = _betas("adamw_betas", adamw_betas)
-    scale = 1.0
+    patterns = tuple(unmodelled) + _embedding_names(model) if route_unmodelled else tuple(unmodelled)
     if adamw_lr is not None:
         check_positive("adamw_lr", adamw_lr)
-        if not lr:
-            raise ValueError("adamw_lr needs lr > 0 (it is applied as a ratio adamw_lr / lr)")
-        scale = adamw_lr / lr
+        if route_unmodelled is None:
+            raise ValueError("adamw_lr needs route_unmodelled='adamw' (no block goes to AdamW otherwise)")
+        params = _split_for_adamw(params, model, patterns, adamw_lr)
     pre, pre_opts = routed(
         "muon",
         {"nesterov": nesterov, "momentum": momentum, "dampening": momentum,
@@ -306,7 +330,7 @@ def Muon(
          "iteration_dtype": iteration_dtype},
         route_unmodelled=route_unmodelled, label="matrix",
         unmodelled=tuple(unmodelled) + _embedding_names(model) if route_unmodelled else tuple(unmodelled),
-        adamw_options={"beta1": a1, "beta2": a2, "eps": adamw_eps, "scale": scale},
+        adamw_options={"beta1": a1, "beta2": a2, "eps": adamw_eps},
     )
     return compose(
         params,

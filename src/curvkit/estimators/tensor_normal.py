@@ -68,10 +68,10 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class TensorNormalConfig(PartConfig):
-    """Options of :class:`TensorNormal`.
+    r"""Options of :class:`TensorNormal`.
 
     Attributes:
-        stat_decay: EMA decay :math:`\\beta` of the mode statistics (0.9 in the paper).
+        stat_decay: EMA decay :math:`\beta` of the mode statistics (0.9 in the paper).
         evidence: ``"sampled"`` (gradient of the loss with targets sampled from the model, the
             true Fisher: TNT) or ``"empirical"`` (the minibatch gradient: the paper's ablation).
         normalize: apply the same-trace normalisation (TNT); ``False`` inverts the raw
