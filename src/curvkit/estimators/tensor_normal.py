@@ -34,7 +34,9 @@ arXiv 2509.03378):
 
 every factor computed from the others' *previous* values (a simultaneous update), with
 :math:`\delta_j = \delta\,\operatorname{tr}(S_j)/d_j` (``kl_damping`` :math:`\delta`, relative to the
-mean eigenvalue). Its fixed point under :math:`E[\cdot]` is
+mean eigenvalue). After each update the factors are rescaled to a common mean eigenvalue
+(their Kronecker product unchanged), so the scale split, to which the model is blind, cannot
+drift towards overflow. Its fixed point under :math:`E[\cdot]` is
 :math:`S_1 \otimes \cdots \otimes S_k = E[\mathrm{vec}(G)\mathrm{vec}(G)^\top]` when the
 gradient is tensor-normal, which the Gram update only reaches when the other factors are
 multiples of the identity. The first update (no statistics yet) uses :math:`S_j = I`. The
@@ -157,6 +159,10 @@ class TensorNormal(CurvatureEstimator):
         for s, n in zip(state["grams"], new):
             if s is not None:
                 s.mul_(decay).add_(n, alpha=weight)
+        if self.config.estimate == "kl":  # keep the scale split even (the model is invariant to it)
+            for s, f in zip(state["grams"], _balanced(state["grams"], 0.0)):
+                if s is not None:
+                    s.copy_(f.matrix)
         state["trace"].mul_(decay).add_(torch.sum(g * g), alpha=weight)
         state["updates"] += 1
 
@@ -187,7 +193,7 @@ def _kl_statistics(g: Tensor, grams: list[Tensor | None], *, first: bool, dampin
     / \prod_{j\ne i} d_j` from the previous :math:`S_j` (identity for unfactored modes, and for all
     modes when ``first``).
 
-    With :math:`S_j + \delta_j I = Q \Lambda Q^\top` and :math:`W_j = \Lambda^{-1/2} Q^\top`
+    With the Cholesky factor :math:`S_j + \delta_j I = L_j L_j^\top` and :math:`W_j = L_j^{-1}`
     (so :math:`W_j^\top W_j = (S_j + \delta_j I)^{-1}`), the sample is the mode-:math:`i` Gram of
     :math:`G \times_{j \ne i} W_j`, PSD by construction.
     """
@@ -198,10 +204,12 @@ def _kl_statistics(g: Tensor, grams: list[Tensor | None], *, first: bool, dampin
             if s is None:
                 continue
             d = s.shape[0]
-            delta = damping * torch.diagonal(s).sum() / d
-            vals, vecs = torch.linalg.eigh(0.5 * (s + s.T))
-            vals = vals.clamp_min(0) + delta.clamp_min(torch.finfo(s.dtype).tiny)
-            whiten[j] = vecs.T * vals.rsqrt()[:, None]
+            mean = (torch.diagonal(s).sum() / d).clamp_min(torch.finfo(s.dtype).tiny)
+            eye = torch.eye(d, dtype=s.dtype, device=s.device)
+            # Cholesky of the damped factor scaled to mean eigenvalue 1: robust where a float32
+            # eigh of a rank-deficient factor (many equal eigenvalues) fails to converge
+            chol, _ = torch.linalg.cholesky_ex(0.5 * (s + s.T) / mean + damping * eye)
+            whiten[j] = torch.linalg.solve_triangular(chol, eye, upper=False) * mean.rsqrt()
     out: list[Tensor | None] = []
     for i, s in enumerate(grams):
         if s is None:
