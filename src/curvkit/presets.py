@@ -1,16 +1,13 @@
 r"""Methods beyond the TNT paper, each a composition of registered parts.
 
-=============  ===================  ================  =================================
-method         estimator            inverter          preconditioner
-=============  ===================  ================  =================================
-``SOAP``       ``tensor_normal``    ``eigenbasis``    ``adam_eigenbasis``
-               (minibatch Grams)
-``KL_Shampoo`` ``tensor_normal``    ``damped_eigen``  ``kronecker_mode``
-               (minibatch, KL)      (power 1/2)
-``TNT_KL``     ``tensor_normal``    ``damped_eigen``  ``kronecker_mode``
-               (sampled, KL)        (power 1)
-``Muon``       ``none``             ``identity``      ``partition``: ``muon`` + ``adamw``
-=============  ===================  ================  =================================
+==============  =========================================  ============================  =====================================
+method          estimator                                  inverter                      preconditioner
+==============  =========================================  ============================  =====================================
+``SOAP``        ``tensor_normal`` (minibatch Grams)        ``eigenbasis``                ``adam_eigenbasis``
+``KL_Shampoo``  ``tensor_normal`` (minibatch, KL)          ``damped_eigen`` (power 1/2)  ``kronecker_mode``
+``TNT_KL``      ``tensor_normal`` (sampled, KL)            ``damped_eigen`` (power 1)    ``kronecker_mode``
+``Muon``        ``none``                                   ``identity``                  ``partition``: ``muon`` + ``adamw``
+==============  =========================================  ============================  =====================================
 
 Every preset takes ``route_unmodelled``: ``"adamw"`` wraps its preconditioner in a
 ``partition`` that sends the blocks it does not model (and blocks named by ``unmodelled``
@@ -305,12 +302,12 @@ def Muon(
         W &\leftarrow W (1 - \eta\lambda) - \eta\, r(A, B)\, \mathrm{NS}_5(B),
 
     with :math:`\mathrm{NS}_5` five quintic Newton--Schulz steps in bfloat16 and :math:`r` the
-    ``adjust_lr_fn`` ratio, exactly :class:`torch.optim.Muon` (its defaults: ``lr=1e-3,
+    ``adjust_lr_fn`` ratio, exactly ``torch.optim.Muon`` (its defaults: ``lr=1e-3,
     weight_decay=0.1, momentum=0.95, nesterov=True``, coefficients ``(3.4445, -4.7750, 2.0315)``,
     ``eps=1e-7``, 5 steps, ``"original"``); the matrices of one shape are orthogonalised in one
     batched iteration. With ``route_unmodelled="adamw"`` (default) vectors and scalars, embeddings
     (found through ``model=``) and blocks matching the ``unmodelled`` name patterns (an output
-    head, say ``("fc_out.*",)``) get :class:`torch.optim.AdamW`'s update with ``adamw_betas``,
+    head, say ``("fc_out.*",)``) get ``torch.optim.AdamW``'s update with ``adamw_betas``,
     ``adamw_eps``, the same weight decay and learning rate ``adamw_lr`` (default ``lr``; with
     ``adjust_lr_fn="match_rms_adamw"`` one learning rate suits both, Liu et al.; a separate
     ``adamw_lr`` puts those parameters in a second param group, so pass plain parameters). Parts: ``none`` + ``identity`` + ``partition`` of ``muon`` and ``adamw``.

@@ -17,7 +17,7 @@ refreshes unchanged (``on_refresh="carry"``, the paper's choice; eigenvalues com
 order, so coordinate :math:`j` keeps meaning "the j-th eigendirection"). ``on_refresh="rotate"``
 instead re-expresses :math:`V` in the new basis, :math:`V \leftarrow V \times_i (R_i \odot R_i)`
 with :math:`R_i = Q_i^{\mathrm{new}\top} Q_i^{\mathrm{old}}` (exact for a diagonal second moment).
-A refresh is noticed by the :attr:`~curvkit.operators.EigenBasis.version` of the block's bases.
+A refresh is noticed by the ``version`` of the block's :class:`~curvkit.operators.EigenBasis` entries.
 Unfactored modes (and blocks without a basis yet) use the identity, i.e. plain Adam.
 """
 
@@ -75,6 +75,7 @@ class AdamEigenbasis(Preconditioner):
     """Adam with its second moment in the eigenbasis of each block's factors (SOAP)."""
 
     Config = AdamEigenbasisConfig
+    #: Eigenbases (the ``eigenbasis`` inverter), or dense matrices, which it decomposes itself.
     accepts = ("eigenbasis", "matrix")
 
     def init_state(self, block: Block) -> dict[str, Any]:

@@ -10,7 +10,7 @@ Per block, with the minibatch gradient :math:`G` and step :math:`t` (counted per
 
 The optimizer's momentum buffer is ignored; the optimizer applies the learning rate and the
 decoupled weight decay, :math:`W \leftarrow W(1 - \eta\,\mathrm{wd}) - \eta P`, so with
-:math:`s = 1` the update is exactly :class:`torch.optim.AdamW`'s. ``scale`` :math:`s` gives these
+:math:`s = 1` the update is exactly ``torch.optim.AdamW``'s. ``scale`` :math:`s` gives these
 blocks their own effective learning rate :math:`\eta s` inside an optimizer whose ``lr`` suits
 another preconditioner (Muon's, say).
 """
@@ -37,7 +37,8 @@ class AdamWConfig(PartConfig):
     """Options of :class:`AdamW`.
 
     Attributes:
-        beta1, beta2: decays of the first and second moments.
+        beta1: decay of the first moment.
+        beta2: decay of the second moment.
         eps: :math:`\\epsilon` added to the bias-corrected :math:`\\sqrt{v}`.
         scale: factor :math:`s` on the direction (effective learning rate :math:`\\eta s`).
     """

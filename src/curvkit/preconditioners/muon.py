@@ -4,7 +4,7 @@ Muon (Jordan et al., 2024, https://kellerjordan.github.io/posts/muon/; Liu et al
 arXiv 2502.16982) replaces the momentum matrix :math:`B = U \Sigma V^\top` of a 2-D weight by an
 approximation of its orthogonal factor :math:`U V^\top`. With the optimizer's buffer
 :math:`M \leftarrow \mu M + (1 - d) G` (``dampening`` :math:`d = \mu` makes it
-:class:`torch.optim.Muon`'s ``buf.lerp_(grad, 1 - mu)``), per block:
+``torch.optim.Muon``'s ``buf.lerp_(grad, 1 - mu)``), per block:
 
 .. math::
     B &= (1 - d)\,G + \mu M \ \text{(nesterov)} \quad\text{or}\quad B = M, \\
@@ -16,7 +16,7 @@ with :math:`(a, b, c) = (3.4445, -4.7750, 2.0315)`, 5 steps run in bfloat16 by d
 learning-rate ratio :math:`r = \sqrt{\max(1, A/B)}` (``"original"``) or :math:`0.2\sqrt{\max(A,
 B)}` (``"match_rms_adamw"``, Liu et al.) for an :math:`A \times B` matrix; the optimizer then
 applies :math:`W \leftarrow W (1 - \eta\,\mathrm{wd}) - \eta P`, which is exactly
-:class:`torch.optim.Muon`'s update. Views of rank 3 or more (convolution weights) are flattened to
+``torch.optim.Muon``'s update. Views of rank 3 or more (convolution weights) are flattened to
 :math:`(d_1, d_2 \cdots d_k)`; a vector is treated as a :math:`1 \times d` matrix (its update is
 then about :math:`B/\|B\|`), although Muon is meant for hidden-layer matrices: route the rest to
 AdamW with the ``partition`` preconditioner (the :func:`curvkit.Muon` preset does).
@@ -86,7 +86,7 @@ def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class MuonConfig(PartConfig):
-    """Options of :class:`Muon` (defaults of :class:`torch.optim.Muon`).
+    """Options of :class:`Muon` (defaults of ``torch.optim.Muon``).
 
     Attributes:
         nesterov: orthogonalise :math:`(1 - d) G + \\mu M` instead of :math:`M`.

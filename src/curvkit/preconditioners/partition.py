@@ -1,6 +1,6 @@
 r"""The ``partition`` preconditioner: a label per block, a preconditioner per label.
 
-Like :func:`optax.multi_transform`, a label function maps each block to a label and each label to
+Like ``optax.multi_transform``, a label function maps each block to a label and each label to
 a preconditioner (by registered name, with options), so one optimizer can run, say, Muon on
 hidden-layer matrices and AdamW on everything else (embeddings, biases, norm scales, an output
 head). Built-in label rules (``label=``), each giving ``"modelled"`` or ``"unmodelled"``:
@@ -11,7 +11,7 @@ head). Built-in label rules (``label=``), each giving ``"modelled"`` or ``"unmod
   unless their name matches an ``unmodelled`` pattern; blocks a method has no curvature model
   of (fallback blocks, all modes unfactored) are ``"unmodelled"``.
 
-``label`` may also be a callable ``block -> label``. Patterns are :mod:`fnmatch` patterns on the
+``label`` may also be a callable ``block -> label``. Patterns are ``fnmatch`` patterns on the
 block name (the parameter or module name), for example ``("embed*", "head.*")``.
 """
 
