@@ -170,7 +170,8 @@ def KL_Shampoo(
     momentum: float = 0.95,
     stat_decay: float = 0.95,
     damping: float = 1e-8,
-    kl_damping: float = 1e-3,
+    kl_damping: float = 0.1,
+    relative_damping: bool = False,
     weight_decay: float = 0.01,
     invert_every: int = 10,
     max_factor_dim: int | None = 10000,
@@ -195,7 +196,9 @@ def KL_Shampoo(
     ``damped_eigen`` (``power=0.5``), ``kronecker_mode``. Defaults follow the authors' setting
     shared with SOAP (``lr=3e-3``, :math:`\beta = \mu = 0.95`, refresh every 10 steps,
     ``weight_decay=0.01``); ``kl_damping`` is the relative damping of :math:`S_j^{-1}` inside the
-    update.
+    update (0.1: with one gradient per step the factors are rank-deficient for many steps, and
+    1e-3 amplified their null directions on digits-ae), and ``relative_damping=True`` makes :math:`\epsilon` relative to each factor's largest
+    eigenvalue (scale-free, as production Shampoo).
     """
     check_in_unit_interval("momentum", momentum)
     pre, pre_opts = routed("kronecker_mode", None, route_unmodelled=route_unmodelled, label="factored",
@@ -207,7 +210,7 @@ def KL_Shampoo(
         preconditioner=pre,
         estimator_options={"evidence": "empirical", "estimate": "kl", "stat_decay": stat_decay,
                            "kl_damping": kl_damping},
-        inverter_options={"power": 0.5},
+        inverter_options={"power": 0.5, "relative_damping": relative_damping},
         preconditioner_options=pre_opts,
         lr=lr, momentum=momentum, dampening=momentum, weight_decay=weight_decay, damping=damping,
         curvature_every=1, invert_every=invert_every, max_factor_dim=max_factor_dim,
@@ -224,7 +227,7 @@ def TNT_KL(
     weight_decay: float = 0.0,
     damping: float = 0.1,
     stat_decay: float = 0.9,
-    kl_damping: float = 1e-3,
+    kl_damping: float = 0.1,
     curvature_every: int = 1,
     invert_every: int = 20,
     evidence: str = "sampled",
