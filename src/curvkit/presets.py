@@ -169,9 +169,9 @@ def KL_Shampoo(
     lr: float = 3e-3,
     momentum: float = 0.95,
     stat_decay: float = 0.95,
-    damping: float = 1e-3,
+    damping: float = 1e-2,
     kl_damping: float = 0.1,
-    relative_damping: bool = False,
+    relative_damping: bool = True,
     weight_decay: float = 0.01,
     invert_every: int = 10,
     max_factor_dim: int | None = 10000,
@@ -195,12 +195,14 @@ def KL_Shampoo(
     :math:`-1/2`. Parts: ``tensor_normal`` (``evidence="empirical"``, ``estimate="kl"``),
     ``damped_eigen`` (``power=0.5``), ``kronecker_mode``. Defaults follow the authors' setting
     shared with SOAP (``lr=3e-3``, :math:`\beta = \mu = 0.95`, refresh every 10 steps,
-    ``weight_decay=0.01``); the damping :math:`\epsilon = 10^{-3}` is ours (Adam's
+    ``weight_decay=0.01``); the damping is ours: :math:`\epsilon = 10^{-2}` relative to each
+    factor's largest eigenvalue (``relative_damping``), scale-free (an absolute
     :math:`10^{-8}` made the :math:`-1/2` roots of the early, rank-deficient factors diverge on
-    digits-ae and on a 4-layer MLP); ``kl_damping`` is the relative damping of :math:`S_j^{-1}` inside the
+    digits-ae and on a 4-layer MLP, and an absolute :math:`10^{-3}` diverged when the loss was
+    scaled by :math:`10^{15}`); ``kl_damping`` is the relative damping of :math:`S_j^{-1}` inside the
     update (0.1: with one gradient per step the factors are rank-deficient for many steps, and
-    1e-3 amplified their null directions on digits-ae), and ``relative_damping=True`` makes :math:`\epsilon` relative to each factor's largest
-    eigenvalue (scale-free, as production Shampoo).
+    1e-3 amplified their null directions on digits-ae); ``relative_damping=False`` makes
+    :math:`\epsilon` absolute.
     """
     check_in_unit_interval("momentum", momentum)
     pre, pre_opts = routed("kronecker_mode", None, route_unmodelled=route_unmodelled, label="factored",
