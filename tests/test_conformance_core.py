@@ -95,6 +95,16 @@ def test_conformance_cases_lists_every_core_part():
         ("inverter", "cholesky"),
         ("inverter", "identity"),
         ("method", "TNT"),
+        ("inverter", "eigenbasis"),
+        ("preconditioner", "adam_eigenbasis"),
+        ("preconditioner", "adamw"),
+        ("preconditioner", "muon"),
+        ("preconditioner", "partition"),
+        ("estimator", "none"),
+        ("method", "SOAP"),
+        ("method", "KL_Shampoo"),
+        ("method", "TNT_KL"),
+        ("method", "Muon"),
     }
     assert expected <= cases
     assert all(curvkit.available(kind)[kind][name].startswith("curvkit.") for kind, name in cases)

@@ -38,6 +38,10 @@ from .optimizer import CurvatureOptimizer
 from .preconditioners import IdentityPreconditioner, KroneckerMode
 from .registry import ENTRY_POINT_GROUP, UnknownPartError, available, get, register, registry
 from .safeguards import CurvkitWarning
+from .estimators import NoCurvature
+from .inverters import Eigenbasis
+from .preconditioners import AdamEigenbasis, AdamW, MuonPreconditioner, Partition
+from .presets import KL_Shampoo, Muon, SOAP, TNT_KL
 
 __version__ = "0.1.0"
 
@@ -48,4 +52,6 @@ __all__ = [
     "LayerRecorder", "Layout", "Part", "PartConfig", "Preconditioner", "ReshapeLayout", "Source", "TNT",
     "TensorNormal", "UnknownPartError", "available", "build_part", "compose", "contractions",
     "default_block", "FALLBACK_MOMENTUM", "fallback_block", "layer_block", "statistics_dtype", "fisher", "get", "matrix_functions", "register", "registry", "view_shape_for",
+    "NoCurvature", "Eigenbasis", "AdamEigenbasis", "AdamW", "Partition", "MuonPreconditioner",
+    "KL_Shampoo", "Muon", "SOAP", "TNT_KL",
 ]

@@ -22,6 +22,27 @@ so that every :math:`U_i` has average eigenvalue :math:`c` and
 :math:`U_1 \otimes \cdots \otimes U_k = (S_1 \otimes \cdots \otimes S_k) / (\operatorname{tr} S)^{k-1}`.
 (All mode Grams share the trace :math:`\|G\|_F^2`, so :math:`\operatorname{tr} S_i` is the same
 for every :math:`i`; it is tracked once as an EMA of :math:`\|G\|_F^2`.)
+
+``estimate="kl"`` replaces the Gram update by the flip-flop (maximum-likelihood, equivalently
+KL-minimising) update of the tensor-normal covariance (Dutilleul, 1999; Lin et al., 2025,
+arXiv 2509.03378):
+
+.. math::
+    S_i \leftarrow \beta S_i + (1 - \beta)\,
+        \frac{G_{(i)} \big(\textstyle\bigotimes_{j \ne i} (S_j + \delta_j I)^{-1}\big) G_{(i)}^\top}
+             {\prod_{j \ne i} d_j},
+
+every factor computed from the others' *previous* values (a simultaneous update), with
+:math:`\delta_j = \delta\,\operatorname{tr}(S_j)/d_j` (``kl_damping`` :math:`\delta`, relative to the
+mean eigenvalue). After each update the factors are rescaled to a common mean eigenvalue
+(their Kronecker product unchanged), so the scale split, to which the model is blind, cannot
+drift towards overflow. Its fixed point under :math:`E[\cdot]` is
+:math:`S_1 \otimes \cdots \otimes S_k = E[\mathrm{vec}(G)\mathrm{vec}(G)^\top]` when the
+gradient is tensor-normal, which the Gram update only reaches when the other factors are
+multiples of the identity. The first update (no statistics yet) uses :math:`S_j = I`. The
+normalisation then only balances the scales, :math:`U_i = S_i\,\bar c / c_i` with
+:math:`c_i = \operatorname{tr}(S_i)/d_i` and :math:`\bar c` their geometric mean, which keeps
+:math:`U_1 \otimes \cdots \otimes U_k = S_1 \otimes \cdots \otimes S_k`.
 """
 
 from __future__ import annotations
@@ -34,8 +55,8 @@ import torch
 from torch import Tensor
 
 from ..blocks import Block
-from ..config import check_choice, check_in_unit_interval
-from ..contractions import mode_gram
+from ..config import check_choice, check_in_unit_interval, check_positive
+from ..contractions import mode_gram, mode_products
 from ..interfaces import BlockEvidence, CurvatureEstimator, EvidenceSpec, Factor, PartConfig, Source
 from ..registry import register
 
@@ -49,10 +70,10 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class TensorNormalConfig(PartConfig):
-    """Options of :class:`TensorNormal`.
+    r"""Options of :class:`TensorNormal`.
 
     Attributes:
-        stat_decay: EMA decay :math:`\\beta` of the mode statistics (0.9 in the paper).
+        stat_decay: EMA decay :math:`\beta` of the mode statistics (0.9 in the paper).
         evidence: ``"sampled"`` (gradient of the loss with targets sampled from the model, the
             true Fisher: TNT) or ``"empirical"`` (the minibatch gradient: the paper's ablation).
         normalize: apply the same-trace normalisation (TNT); ``False`` inverts the raw
@@ -65,12 +86,19 @@ class TensorNormalConfig(PartConfig):
             average eigenvalue, so the damping is a fixed fraction of each factor's own
             spectrum: scaling the evidence by :math:`s` scales the direction by exactly
             :math:`1/s^2`, its shape unchanged (see the tuning guide).
+        estimate: ``"gram"`` (the paper's mode-Gram EMA) or ``"kl"`` (the flip-flop
+            maximum-likelihood update of the tensor-normal covariance; see the module docstring).
+        kl_damping: with ``estimate="kl"``, the relative damping :math:`\delta` of the inverses of
+            the other factors inside the update (:math:`\delta\,\operatorname{tr}(S_j)/d_j` is
+            added to :math:`S_j`).
     """
 
     stat_decay: float = 0.9
     evidence: str = "sampled"
     normalize: bool = True
     relative_damping: bool = False
+    estimate: str = "gram"
+    kl_damping: float = 1e-3
 
     def __post_init__(self) -> None:
         check_in_unit_interval("stat_decay", self.stat_decay)
@@ -79,6 +107,8 @@ class TensorNormalConfig(PartConfig):
             raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
         if not isinstance(self.relative_damping, bool):
             raise ValueError(f"relative_damping must be a bool, got {self.relative_damping!r}")
+        check_choice("estimate", self.estimate, ("gram", "kl"))
+        check_positive("kl_damping", self.kl_damping)
 
 
 @register("estimator", "tensor_normal")
@@ -134,19 +164,27 @@ class TensorNormal(CurvatureEstimator):
         if decay is None:
             decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
         weight = 1.0 - decay
+        if self.config.estimate == "kl":
+            new = _kl_statistics(g, state["grams"], first=state["updates"] == 0, damping=self.config.kl_damping)
+        else:
+            new = [None if s is None else mode_gram(g, i) for i, s in enumerate(state["grams"])]
         if evidence.valid is not None:  # invalid evidence (zeros) leaves the statistics exactly as they were
             invalid = ~evidence.valid
             keep = torch.full((), decay, dtype=dtype, device=invalid.device).masked_fill_(invalid, 1.0)
             take = torch.full((), weight, dtype=dtype, device=invalid.device).masked_fill_(invalid, 0.0)
-            for i, s in enumerate(state["grams"]):
+            for s, n in zip(state["grams"], new):
                 if s is not None:
-                    s.mul_(keep).add_(mode_gram(g, i).mul_(take))
+                    s.mul_(keep).add_(n.mul_(take))
             state["trace"].mul_(keep).add_(torch.sum(g * g) * take)
         else:
-            for i, s in enumerate(state["grams"]):
+            for s, n in zip(state["grams"], new):
                 if s is not None:
-                    s.mul_(decay).add_(mode_gram(g, i), alpha=weight)
+                    s.mul_(decay).add_(n, alpha=weight)
             state["trace"].mul_(decay).add_(torch.sum(g * g), alpha=weight)
+        if self.config.estimate == "kl":  # keep the scale split even (the model is invariant to it)
+            for s, f in zip(state["grams"], _balanced(state["grams"], 0.0)):
+                if s is not None:
+                    s.copy_(f.matrix)
         state["updates"] += 1
 
     def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
@@ -155,6 +193,8 @@ class TensorNormal(CurvatureEstimator):
         grams = state["grams"]
         if not self.config.normalize:
             return [None if s is None else Factor(s, damping) for s in grams]
+        if self.config.estimate == "kl":
+            return _balanced(grams, damping)
         k = block.order
         total = math.prod(block.shape)
         c = (state["trace"] / total).clamp_min(0).pow(1.0 / k)
@@ -169,3 +209,48 @@ class TensorNormal(CurvatureEstimator):
             scale = (c.pow(k - 1) * (total // d)).clamp_min(tiny)
             out.append(Factor(s / scale, damping))
         return out
+
+
+def _kl_statistics(g: Tensor, grams: list[Tensor | None], *, first: bool, damping: float) -> list[Tensor | None]:
+    r"""One flip-flop sample per factored mode: :math:`G_{(i)} (\bigotimes_{j\ne i} S_j^{-1}) G_{(i)}^\top
+    / \prod_{j\ne i} d_j` from the previous :math:`S_j` (identity for unfactored modes, and for all
+    modes when ``first``).
+
+    With the Cholesky factor :math:`S_j + \delta_j I = L_j L_j^\top` and :math:`W_j = L_j^{-1}`
+    (so :math:`W_j^\top W_j = (S_j + \delta_j I)^{-1}`), the sample is the mode-:math:`i` Gram of
+    :math:`G \times_{j \ne i} W_j`, PSD by construction.
+    """
+    total = g.numel()
+    whiten: list[Tensor | None] = [None] * len(grams)
+    if not first:
+        for j, s in enumerate(grams):
+            if s is None:
+                continue
+            d = s.shape[0]
+            mean = (torch.diagonal(s).sum() / d).clamp_min(torch.finfo(s.dtype).tiny)
+            eye = torch.eye(d, dtype=s.dtype, device=s.device)
+            # Cholesky of the damped factor scaled to mean eigenvalue 1: robust where a float32
+            # eigh of a rank-deficient factor (many equal eigenvalues) fails to converge
+            chol, _ = torch.linalg.cholesky_ex(0.5 * (s + s.T) / mean + damping * eye)
+            whiten[j] = torch.linalg.solve_triangular(chol, eye, upper=False) * mean.rsqrt()
+    out: list[Tensor | None] = []
+    for i, s in enumerate(grams):
+        if s is None:
+            out.append(None)
+            continue
+        mats = [None if (j == i or w is None) else w for j, w in enumerate(whiten)]
+        y = mode_products(g, mats) if any(m is not None for m in mats) else g
+        out.append(mode_gram(y, i) / (total // g.shape[i]))
+    return out
+
+
+def _balanced(grams: list[Tensor | None], damping: float) -> list[Factor | None]:
+    r"""KL factors rescaled to a common mean eigenvalue (their Kronecker product unchanged)."""
+    present = [s for s in grams if s is not None]
+    if not present:
+        return [None] * len(grams)
+    tiny = torch.finfo(present[0].dtype).tiny
+    means = [(torch.diagonal(s).sum() / s.shape[0]).clamp_min(tiny) for s in present]
+    common = torch.exp(torch.stack([m.log() for m in means]).mean())
+    it = iter(means)
+    return [None if s is None else Factor(s * (common / next(it)), damping) for s in grams]
