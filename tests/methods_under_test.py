@@ -67,3 +67,17 @@ def state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     from curvkit.engine.checkpoint import block_states
 
     return tensors_in(block_states(opt.state_dict()))
+
+
+def build_with_period(name: str, model: nn.Module, period: int, **overrides) -> curvkit.CurvatureOptimizer:
+    """``build`` with inversions (basis refreshes) every ``period`` steps, whatever the preset
+    calls that option (``invert_every``, SOAP's ``precondition_frequency``, none for Muon)."""
+    for key in ("invert_every", "precondition_frequency"):
+        try:
+            return build(name, model, **{key: period}, **overrides)
+        except TypeError:
+            continue
+    opt = build(name, model, **overrides)
+    for group in opt.param_groups:
+        group["invert_every"] = period
+    return opt

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import curvkit
-from tests.methods_under_test import build, method_names, tiny_model, train_step
+from tests.methods_under_test import build, build_with_period, method_names, tiny_model, train_step
 
 D = torch.float64
 
@@ -48,7 +48,7 @@ def count_host_reads():
 @pytest.mark.parametrize("name", method_names())
 def test_steady_state_steps_read_nothing_on_the_host(name):
     model = tiny_model()
-    opt = build(name, model, invert_every=2)
+    opt = build_with_period(name, model, 2)
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     for _ in range(3):  # t = 0, 1, 2: inversions (early phase, then t % T2 == 0)
         train_step(model, opt, x, y)

@@ -500,7 +500,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._health.count(bi, "missing_statistics")
         self._health.warn_once("missing_statistics", _stale_message(run.step), stacklevel=4)
 
-    def _compute_inverses(self, block_ids: Sequence[int]) -> None:
+    def _compute_inverses(self, block_ids: Sequence[int]) -> bool:
+        """Repair and invert the factors of ``block_ids``; ``True`` if the host synchronised."""
+        synced = any(
+            any(t.is_floating_point() for t in tensors_in(self._state_of(self._blocks[bi])["estimator"]))
+            or isinstance(self._state_of(self._blocks[bi]).get("momentum"), Tensor)
+            for bi in block_ids
+        )
         repaired = self._repair_state(block_ids, reason="inversion")
         requests = []
         for bi in block_ids:
@@ -517,7 +523,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             previous = state["inverses"]
             for mode, f in enumerate(factors):
                 if f is not None:
-                    prev = previous[mode] if previous is not None else None
+                    prev = previous[mode] if previous is not None and mode < len(previous) else None
                     requests.append(InversionRequest((bi, mode), f, b.order, prev))
             kept = list(previous) if previous is not None else []
             state["inverses"] = (kept + [None] * len(factors))[: len(factors)]
@@ -525,10 +531,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if f is None:
                     state["inverses"][mode] = None
         if not requests:
-            return
+            return synced
         if self.divide_inverses and self.inverter.produces == "matrix":
             self._invert_divided(requests)
-            return
+            return True
         results = invert_all(self.inverter, requests, self._health)
         refreshed: set[int] = set()
         for (bi, mode), inv in results.items():
@@ -541,6 +547,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             elif isinstance(inv, Tensor):  # row-major, as a checkpoint restores it: same products
                 inv = inv.contiguous()
             state["inverses"][mode] = inv
+        return True
 
     def _owner(self, key: tuple[int, int]) -> int:
         """The rank that inverts factor ``key`` = (block, mode), balanced by cost at first use."""
@@ -618,8 +625,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         # 2. inverses where due (this is the step's only host synchronisation)
         due_inv = [bi for bi, b in enumerate(self._blocks) if self._inverse_due(self.param_groups[b.group])]
-        if due_inv:
-            self._compute_inverses(due_inv)
+        synced = self._compute_inverses(due_inv) if due_inv else False
 
         # 3. momentum, direction, update (batched, masked on the device)
         blocks = [self._blocks[bi] for bi in active]
@@ -638,7 +644,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             step=t,
         )
         self._run.step += 1
-        if due_inv:
+        if synced:  # the step read the host anyway: read the device counters, warn once
             self._health.sync(stacklevel=3)
 
         # 4. a second evaluation at the new parameters, when the estimator needs it

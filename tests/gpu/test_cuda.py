@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import curvkit
-from tests.methods_under_test import build, method_names, train_step
+from tests.methods_under_test import build, build_with_period, method_names, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -23,7 +23,7 @@ def model_on(device, seed=0):
 @pytest.mark.parametrize("name", method_names())
 def test_steady_state_steps_never_synchronise(name):
     model = model_on("cuda")
-    opt = build(name, model, invert_every=2)
+    opt = build_with_period(name, model, 2)
     x = torch.randn(32, 12, device="cuda")
     y = torch.randint(0, 4, (32,), device="cuda")
     for _ in range(3):
