@@ -13,9 +13,13 @@ def tensors_in(value: Any) -> list[Tensor]:
     """Every tensor in a nested structure of dicts, lists and tuples, in a stable order."""
     out: list[Tensor] = []
 
+    from .operators import EigenBasis
+
     def walk(v: Any) -> None:
         if isinstance(v, Tensor):
             out.append(v)
+        elif isinstance(v, EigenBasis):
+            out.extend([v.vectors, v.values])
         elif isinstance(v, dict):
             for w in v.values():
                 walk(w)
@@ -28,9 +32,14 @@ def tensors_in(value: Any) -> list[Tensor]:
 
 
 def map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
-    """A copy of a nested structure with ``fn`` applied to every tensor (other leaves kept)."""
+    """A copy of a nested structure with ``fn`` applied to every tensor (other leaves kept),
+    including the tensors of :class:`~curvkit.operators.EigenBasis` entries."""
+    from .operators import EigenBasis
+
     if isinstance(value, Tensor):
         return fn(value)
+    if isinstance(value, EigenBasis):
+        return EigenBasis(fn(value.vectors), fn(value.values), value.version)
     if isinstance(value, dict):
         return {k: map_tensors(fn, v) for k, v in value.items()}
     if isinstance(value, list):
