@@ -8,7 +8,7 @@ and plain values (keys like ``"estimator/grams/0"``; lists record their length u
 ``".../__len__"``), with the block's position, name, view shape and health counters under
 ``"meta/..."`` keys. The optimizer-level metadata -- the method signature (part names and
 configs), the run counters and the sampling generators -- sits in the first param group under
-``"curvkit"``: :mod:`torch.distributed.checkpoint` keeps exactly ``"state"`` and
+``"curvkit"``: ``torch.distributed.checkpoint`` keeps exactly ``"state"`` and
 ``"param_groups"``, so nothing lives elsewhere.
 
 Loading matches blocks by *position and shape*, as :mod:`torch.optim` matches parameters, so a

@@ -37,7 +37,7 @@ class BlockStates:
     def complete(self, block: Block, *, momentum: bool, eigenbasis: bool, inverses: bool) -> None:
         """Give a fresh block state every tensor it will hold, with neutral values (zero
         momentum, identity inverses), so its structure is the same before and after training:
-        :mod:`torch.distributed.checkpoint` loads into the structure of the live state."""
+        ``torch.distributed.checkpoint`` loads into the structure of the live state."""
         from ..estimators.tensor_normal import statistics_dtype
         from ..operators import EigenBasis
 
