@@ -31,11 +31,11 @@ Supported likelihoods (``outputs`` are the model's raw outputs, batch first):
 a loss object
     PyTorch's own losses stand for the likelihood they are the negative log of
     (:func:`resolve_loss`): :func:`torch.nn.functional.cross_entropy`,
-    :class:`torch.nn.CrossEntropyLoss`, :func:`torch.nn.functional.nll_loss` and
-    :class:`torch.nn.NLLLoss` (outputs that are log-probabilities) mean ``"cross_entropy"``;
+    ``torch.nn.CrossEntropyLoss()``, ``torch.nn.functional.nll_loss`` and ``torch.nn.NLLLoss()``
+    (outputs that are log-probabilities) mean ``"cross_entropy"``;
     :func:`torch.nn.functional.binary_cross_entropy_with_logits` and
-    :class:`torch.nn.BCEWithLogitsLoss` mean ``"bce_with_logits"``;
-    :func:`torch.nn.functional.mse_loss` and :class:`torch.nn.MSELoss` mean ``"mse"``. Only the
+    ``torch.nn.BCEWithLogitsLoss()`` mean ``"bce_with_logits"``; ``torch.nn.functional.mse_loss``
+    and ``torch.nn.MSELoss()`` mean ``"mse"``. Only the
     likelihood is taken from the object: the sampled loss uses the named likelihood's default
     reduction (or ``reduction=``), and a module's ``weight``, ``label_smoothing`` or
     ``ignore_index`` do not enter, since the Fisher is a property of the model's predictive
