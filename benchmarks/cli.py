@@ -36,8 +36,9 @@ __all__ = ["build_parser", "main", "parse_overrides"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Compare SGD-m, Adam, TNT and every installed curvkit method on the paper's problems "
-        "at laptop scale. Prints a table; writes plots and a JSON file of every curve to --out.",
+        description="Compare SGD-m, Adam(W), TNT and every installed curvkit method on the paper's problems "
+        "at laptop scale and on a character-level GPT (char-lm). Prints a table; writes plots and a JSON file of "
+        "every curve to --out.",
     )
     p.add_argument("--problem", default="digits-ae", choices=list(PROBLEMS), help="problem (default: %(default)s)")
     p.add_argument("--methods", default="all",
@@ -67,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--list", action="store_true", help="list problems, installed methods and settings, then exit")
-    p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
-                   help="train nothing: re-render the table and plots of a results.json (into --out, default its folder)")
+    p.add_argument("--from-json", default=None, action="append", metavar="RESULTS_JSON",
+                   help="train nothing: re-render the table and plots of a results.json (into --out, default its "
+                   "folder); repeat it to merge the runs of several files of the same problem (seeds run in "
+                   "parallel processes, say)")
     return p
 
 
@@ -166,12 +169,34 @@ def _write_outputs(payload: dict[str, Any], results: list[RunResult], out_dir: P
 
 
 def _rerender(args: argparse.Namespace) -> int:
-    path = Path(args.from_json)
-    if not path.is_file():
-        raise FileNotFoundError(f"--from-json: no file {path}")
-    payload = json.loads(path.read_text())
-    _write_outputs(payload, load_runs(payload), Path(args.out) if args.out else path.parent, plots=not args.no_plots)
+    payloads = []
+    for name in args.from_json:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--from-json: no file {path}")
+        payloads.append(json.loads(path.read_text()))
+    payload = _merge(payloads) if len(payloads) > 1 else payloads[0]
+    out = Path(args.out) if args.out else Path(args.from_json[0]).parent
+    _write_outputs(payload, load_runs(payload), out, plots=not args.no_plots)
     return 0
+
+
+def _merge(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """One payload holding the runs of several results files of the same problem and budget."""
+    first = payloads[0]
+    for other in payloads[1:]:
+        for key in ("problem", "budget", "batch_size"):
+            if other.get(key) != first.get(key):
+                raise ValueError(f"--from-json files differ in {key}: {first.get(key)!r} vs {other.get(key)!r}; "
+                                 f"only runs of the same problem, budget and batch size can be merged")
+    merged = dict(first)
+    merged["runs"] = [run for p in payloads for run in p["runs"]]
+    merged["seeds"] = sorted({s for p in payloads for s in p.get("seeds", [])})
+    merged["command"] = [p.get("command") for p in payloads]
+    merged["wall_seconds"] = max(float(p.get("wall_seconds", 0.0)) for p in payloads)
+    merged["interrupted"] = any(p.get("interrupted") for p in payloads)
+    merged["merged_from"] = len(payloads)
+    return merged
 
 
 def _main(args: argparse.Namespace, command: list[str]) -> int:

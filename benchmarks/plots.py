@@ -29,7 +29,8 @@ def _color(method: str, seen: dict[str, str]) -> str:
 
 def _ylim(results: Sequence[RunResult], key: str) -> tuple[float, float] | None:
     """A range that shows the interesting part: from the lowest value to the highest value
-    after the first epoch (the initial loss is usually far above everything else)."""
+    after the first epoch, or after the initial point of runs shorter than an epoch (the
+    initial loss is usually far above everything else)."""
     lows, highs = [], []
     for r in results:
         vals = [v for v in getattr(r, key) if math.isfinite(v)]
@@ -37,6 +38,8 @@ def _ylim(results: Sequence[RunResult], key: str) -> tuple[float, float] | None:
             continue
         lows.append(min(vals))
         later = [v for e, v in zip(r.epoch, getattr(r, key)) if e >= 1 and math.isfinite(v)]
+        if not later and len(r.step) > 2:  # a run shorter than an epoch: skip the initial point
+            later = [v for v in getattr(r, key)[1:] if math.isfinite(v)]
         highs.append(max(later) if later else max(vals))
     if not lows:
         return None

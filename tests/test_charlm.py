@@ -155,3 +155,20 @@ def test_char_lm_defaults_and_method_selection():
     assert "AdamW" in chosen and "SGD-m" in chosen and "TNT" in chosen and "Adam" not in chosen
     chosen, _ = cli._select("all", list(methods), get_problem("digits-ae").skip_methods)
     assert "AdamW" not in chosen and "Adam" in chosen
+
+
+def test_results_of_parallel_seeds_merge(tmp_path):
+    """Seeds run in separate processes merge into one table (--from-json repeated)."""
+    common = ["--problem", "char-lm", "--methods", "AdamW", "--steps", "2", "--eval-every", "1", "--batch-size", "4",
+              "--n-train", "16", "--no-progress", "--no-plots"]
+    for seed in (0, 1):
+        assert cli.main([*common, "--seed", str(seed), "--out", str(tmp_path / f"s{seed}")]) == 0
+    merged = tmp_path / "merged"
+    files = [str(tmp_path / f"s{seed}" / "results.json") for seed in (0, 1)]
+    assert cli.main(["--from-json", files[0], "--from-json", files[1], "--out", str(merged), "--no-plots"]) == 0
+    payload = json.loads((merged / "results.json").read_text())
+    assert [r["seed"] for r in payload["runs"]] == [0, 1] and payload["seeds"] == [0, 1]
+    assert payload["table"][0]["runs"] == 2 and "±" in (merged / "table.txt").read_text()
+    assert cli.main([*common, "--steps", "1", "--out", str(tmp_path / "other")]) == 0
+    assert cli.main(["--from-json", files[0], "--from-json", str(tmp_path / "other" / "results.json"),
+                     "--out", str(tmp_path / "bad"), "--no-plots"]) == 2
