@@ -154,7 +154,7 @@ def resolve_loss(loss: LossSpec) -> str | Callable[[Tensor, torch.Generator | No
             f"loss={_describe(loss)} cannot be called as fn(outputs, generator) (its signature is "
             f"{signature}); {_SAMPLER_SHAPE}"
         ) from None
-    second = [n for n, v in bound.arguments.items() if v is not None][1:2]
+    second = list(bound.arguments)[1:2]  # the parameter the generator would be bound to
     if second and second[0].lower() in _TARGET_NAMES:
         raise ValueError(
             f"loss={_describe(loss)} takes ({', '.join(signature.parameters)}), which looks like a training "
