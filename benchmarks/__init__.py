@@ -1,9 +1,10 @@
-"""The curvkit benchmark harness: the paper's problems at laptop scale.
+"""The curvkit benchmark harness: the paper's problems at laptop scale, and a small character-level GPT.
 
 Run ``python -m benchmarks`` from the repository root (``--help`` for options). Modules:
 
 * :mod:`benchmarks.data` -- digits and MNIST (IDX) loading; :mod:`benchmarks.curves` -- the
-  generated CURVES stand-in;
+  generated CURVES stand-in; :mod:`benchmarks.charlm` -- the character-level GPT and its text
+  (the standard library's ``pydoc_data/topics.py``);
 * :mod:`benchmarks.problems` -- models, losses and data of each problem;
 * :mod:`benchmarks.methods` -- the compared optimizers (plugins found in curvkit's registry);
 * :mod:`benchmarks.settings` -- every default hyperparameter, with its reason;

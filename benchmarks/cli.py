@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks --problem digits-cnn --epochs 30 --seeds 3
     python -m benchmarks --problem curves-ae --seconds 60 --methods SGD-m,Adam,TNT
     python -m benchmarks --problem mnist-ae --data-dir ~/data/mnist --seconds 500
+    python -m benchmarks --problem char-lm --methods AdamW,TNT --seconds 20 --out DIR
     python -m benchmarks --set TNT.lr=3e-4 --set TNT.damping=0.03   # override a setting
     python -m benchmarks --list                            # problems, methods and settings
 """
@@ -35,16 +36,22 @@ __all__ = ["build_parser", "main", "parse_overrides"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Compare SGD-m, Adam, TNT and every installed curvkit method on the paper's problems "
-        "at laptop scale. Prints a table; writes plots and a JSON file of every curve to --out.",
+        description="Compare SGD-m, Adam(W), TNT and every installed curvkit method on the paper's problems "
+        "at laptop scale and on a character-level GPT (char-lm). Prints a table; writes plots and a JSON file of "
+        "every curve to --out.",
     )
     p.add_argument("--problem", default="digits-ae", choices=list(PROBLEMS), help="problem (default: %(default)s)")
     p.add_argument("--methods", default="all",
-                   help="comma-separated methods, or 'all' for every installed one (default: %(default)s)")
+                   help="comma-separated methods, or 'all' for every installed one the problem runs "
+                   "(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget (default: the problem's, see --list)")
     p.add_argument("--seconds", type=float, default=None,
-                   help="training-time budget per run in seconds (evaluation excluded); with --epochs, "
-                   "whichever comes first")
+                   help="training-time budget per run in seconds (evaluation excluded); with --epochs or "
+                   "--steps, whichever comes first")
+    p.add_argument("--steps", type=int, default=None,
+                   help="budget in training steps (default: the problem's, for char-lm; see --list)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="record the curves every N steps besides each epoch's end (default: the problem's)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: the problem's)")
@@ -61,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--list", action="store_true", help="list problems, installed methods and settings, then exit")
-    p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
-                   help="train nothing: re-render the table and plots of a results.json (into --out, default its folder)")
+    p.add_argument("--from-json", default=None, action="append", metavar="RESULTS_JSON",
+                   help="train nothing: re-render the table and plots of a results.json (into --out, default its "
+                   "folder); repeat it to merge the runs of several files of the same problem (seeds run in "
+                   "parallel processes, say)")
     return p
 
 
@@ -82,9 +91,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _select(requested: str, available: Sequence[str]) -> tuple[list[str], list[str]]:
+def _select(requested: str, available: Sequence[str], skip: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     if requested.strip().lower() == "all":
-        return list(available), []
+        return [m for m in available if m not in skip], []
     names = [n.strip() for n in requested.split(",") if n.strip()]
     if not names:
         raise ValueError("--methods is empty; give names separated by commas, or 'all'")
@@ -103,8 +112,11 @@ def _select(requested: str, available: Sequence[str]) -> tuple[list[str], list[s
 def _list(methods: dict[str, Any]) -> None:
     for name, prob in PROBLEMS.items():
         d = PROBLEM_DEFAULTS[name]
-        print(f"{name}: {prob.title}\n  batch {d.batch_size}, {d.epochs} epochs by default. {d.reason}")
+        budget = f"{d.epochs} epochs" if d.epochs is not None else f"{d.steps} steps"
+        print(f"{name}: {prob.title}\n  batch {d.batch_size}, {budget} by default. {d.reason}")
         for m in methods:
+            if m in prob.skip_methods:
+                continue
             s = settings_for(name, m)
             print(f"    {m:14s} {s.kwargs}  -- {s.reason}")
     print("methods installed: " + ", ".join(f"{n} ({s.origin})" for n, s in methods.items()))
@@ -129,30 +141,62 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _write_outputs(payload: dict[str, Any], results: list[RunResult], out_dir: Path, *, plots: bool) -> None:
     """Print the table; write results.json, table.txt, table.rst and the plots to ``out_dir``."""
     problem = get_problem(payload["problem"])
-    rows = summarize(results, classifier=problem.classifier)
-    table = format_table(rows, classifier=problem.classifier)
+    target = payload.get("target_test_loss", problem.target_test_loss)
+    rows = summarize(results, classifier=problem.classifier, target=target)
+    table = format_table(rows, classifier=problem.classifier, test_name=problem.test_name)
     mem = sorted({r.memory_method for r in results if r.memory_method})
     title = problem.title + (" [GENERATED data]" if problem.generated else "")
     print(f"\n{title}\n{table}")
-    print(f"train loss: mean {'BCE summed over outputs' if not problem.classifier else 'cross-entropy'} per example "
-          f"on the full training set; s/epoch: training steps only; opt state: tensor bytes of "
+    if problem.name == "char-lm":
+        what = "cross-entropy per character (nats)"
+    else:
+        what = f"{'BCE summed over outputs' if not problem.classifier else 'cross-entropy'} per example"
+    subset = (f"{problem.train_eval_examples} fixed training examples" if problem.train_eval_examples
+              else "the full training set")
+    print(f"train loss: mean {what} on {subset}; s/epoch: training steps only; opt state: tensor bytes of "
           f"optimizer.state_dict(); peak RSS: increase during the run, evaluation (in training-size batches) "
-          f"included ({', '.join(mem)})")
+          f"included ({', '.join(mem)})"
+          + (f"; to {problem.test_name} {target:g}: steps and training seconds at the first evaluation at or "
+             f"below it, over the seeds that reached it" if target is not None else ""))
     write_json(out_dir / "results.json", {**payload, "table": rows})
     (out_dir / "table.txt").write_text(table + "\n")
-    (out_dir / "table.rst").write_text(format_table(rows, classifier=problem.classifier, rst=True) + "\n")
-    written = plot_curves(results, out_dir, title=title, classifier=problem.classifier) if plots else []
+    (out_dir / "table.rst").write_text(format_table(rows, classifier=problem.classifier, rst=True,
+                                                    test_name=problem.test_name) + "\n")
+    written = plot_curves(results, out_dir, title=title, classifier=problem.classifier, target=target,
+                          test_name=problem.test_name) if plots else []
     print(f"wrote     {out_dir / 'results.json'}, table.txt, table.rst"
           + (", " + ", ".join(p.name for p in written) if written else ""))
 
 
 def _rerender(args: argparse.Namespace) -> int:
-    path = Path(args.from_json)
-    if not path.is_file():
-        raise FileNotFoundError(f"--from-json: no file {path}")
-    payload = json.loads(path.read_text())
-    _write_outputs(payload, load_runs(payload), Path(args.out) if args.out else path.parent, plots=not args.no_plots)
+    payloads = []
+    for name in args.from_json:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--from-json: no file {path}")
+        payloads.append(json.loads(path.read_text()))
+    payload = _merge(payloads) if len(payloads) > 1 else payloads[0]
+    out = Path(args.out) if args.out else Path(args.from_json[0]).parent
+    _write_outputs(payload, load_runs(payload), out, plots=not args.no_plots)
     return 0
+
+
+def _merge(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """One payload holding the runs of several results files of the same problem and budget."""
+    first = payloads[0]
+    for other in payloads[1:]:
+        for key in ("problem", "budget", "batch_size"):
+            if other.get(key) != first.get(key):
+                raise ValueError(f"--from-json files differ in {key}: {first.get(key)!r} vs {other.get(key)!r}; "
+                                 f"only runs of the same problem, budget and batch size can be merged")
+    merged = dict(first)
+    merged["runs"] = [run for p in payloads for run in p["runs"]]
+    merged["seeds"] = sorted({s for p in payloads for s in p.get("seeds", [])})
+    merged["command"] = [p.get("command") for p in payloads]
+    merged["wall_seconds"] = max(float(p.get("wall_seconds", 0.0)) for p in payloads)
+    merged["interrupted"] = any(p.get("interrupted") for p in payloads)
+    merged["merged_from"] = len(payloads)
+    return merged
 
 
 def _main(args: argparse.Namespace, command: list[str]) -> int:
@@ -164,8 +208,13 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
         return 0
     problem = get_problem(args.problem)
     defaults = PROBLEM_DEFAULTS[problem.name]
-    budget = Budget(epochs=args.epochs if (args.epochs is not None or args.seconds is not None) else defaults.epochs,
-                    seconds=args.seconds)
+    if args.epochs is None and args.seconds is None and args.steps is None:
+        budget = Budget(epochs=defaults.epochs, steps=defaults.steps)
+    else:
+        budget = Budget(epochs=args.epochs, seconds=args.seconds, steps=args.steps)
+    eval_every = args.eval_every if args.eval_every is not None else defaults.eval_every
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"--eval-every must be >= 1, got {eval_every}")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     batch_size = args.batch_size or defaults.batch_size
@@ -177,7 +226,7 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     overrides = parse_overrides(args.overrides)
-    chosen, missing = _select(args.methods, list(methods))
+    chosen, missing = _select(args.methods, list(methods), problem.skip_methods)
     unknown = sorted(set(overrides) - set(chosen))
     if unknown:
         raise ValueError(f"--set names methods that are not being run: {', '.join(unknown)}")
@@ -189,6 +238,7 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
     print(f"data      {split.n_train} train / {split.n_test} test examples"
           + ("  [GENERATED data, not the original set]" if problem.generated else ""))
     budget_text = " or ".join(filter(None, [budget.epochs and f"{budget.epochs} epochs",
+                                            budget.steps and f"{budget.steps} steps",
                                             budget.seconds and f"{budget.seconds:g} s of training"]))
     print(f"budget    {budget_text}, batch {batch_size}, seeds {args.seed}..{args.seed + args.seeds - 1}, "
           f"{torch.get_num_threads()} torch thread(s)")
@@ -215,7 +265,7 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
         for m in chosen:
             label = f"[{len(results) + 1}/{total}] "
             r = run_one(problem, split, methods[m], settings[m]["kwargs"], seed=seed, batch_size=batch_size,
-                        budget=budget, progress=not args.no_progress, position=label)
+                        budget=budget, progress=not args.no_progress, position=label, eval_every=eval_every)
             results.append(r)
             print(f"{label}{m} seed {seed}: {r.status}, train loss {r.final_train_loss:.4f} after "
                   f"{r.epochs_done:.3g} epochs, {r.train_seconds:.1f} s" + (f"  ({r.message})" if r.message else ""),
@@ -229,7 +279,9 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
 
     payload = {
         "problem": problem.name, "title": problem.title, "generated": problem.generated,
-        "command": " ".join(command), "budget": {"epochs": budget.epochs, "seconds": budget.seconds},
+        "command": " ".join(command),
+        "budget": {"epochs": budget.epochs, "seconds": budget.seconds, "steps": budget.steps, "eval_every": eval_every},
+        "target_test_loss": problem.target_test_loss,
         "batch_size": batch_size, "seeds": list(range(args.seed, args.seed + args.seeds)),
         "data": {"n_train": split.n_train, "n_test": split.n_test, "data_dir": args.data_dir},
         "methods_found": {n: s.origin for n, s in methods.items()}, "methods_not_installed": absent,

@@ -1,9 +1,10 @@
-"""The optimizers compared: SGD with momentum, Adam, TNT, TNT-empirical and installed plugins.
+"""The optimizers compared: SGD with momentum, Adam, AdamW, TNT, TNT-empirical and installed plugins.
 
 Curvature methods are found in curvkit's registry (kind ``"method"``): the core registers
 ``TNT``; the plugins register ``KFAC``, ``Shampoo``, ``KBFGS`` and ``KBFGS_L``. A plugin that is
 not installed is simply absent. Every preset is built the same way,
-``preset(model.parameters(), model=model, **settings)``.
+``preset(params, model=model, **settings)`` where ``params`` is ``model.parameters()`` or the
+problem's param groups (``build(model, params=groups, **settings)``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 __all__ = ["BASELINES", "MethodSpec", "PREFERRED_ORDER", "discover_methods"]
 
 #: Display order of the methods we know; other registered presets follow alphabetically.
-PREFERRED_ORDER = ("SGD-m", "Adam", "TNT", "TNT-empirical", "KFAC", "Shampoo", "KBFGS", "KBFGS_L")
+PREFERRED_ORDER = ("SGD-m", "Adam", "AdamW", "TNT", "TNT-empirical", "KFAC", "Shampoo", "KBFGS", "KBFGS_L")
 
 Builder = Callable[..., torch.optim.Optimizer]
 
@@ -29,7 +30,8 @@ class MethodSpec:
 
     Attributes:
         name: its name in tables and on the command line.
-        build: ``build(model, **settings) -> optimizer``.
+        build: ``build(model, **settings) -> optimizer``; ``params=`` (param groups) replaces
+            ``model.parameters()``.
         origin: where it comes from (``torch.optim`` or the registering module/distribution).
         curvature: whether it is a curvkit optimizer (``update_curvature`` is called).
     """
@@ -40,23 +42,23 @@ class MethodSpec:
     curvature: bool
 
 
-def _sgd(model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), **kw)
+def _torch(cls: type[torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
+    def build(model: nn.Module, params: Any = None, **kw: Any) -> torch.optim.Optimizer:
+        return cls(model.parameters() if params is None else params, **kw)
 
-
-def _adam(model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), **kw)
+    return build
 
 
 BASELINES = {
-    "SGD-m": MethodSpec("SGD-m", _sgd, "torch.optim.SGD", False),
-    "Adam": MethodSpec("Adam", _adam, "torch.optim.Adam", False),
+    "SGD-m": MethodSpec("SGD-m", _torch(torch.optim.SGD), "torch.optim.SGD", False),
+    "Adam": MethodSpec("Adam", _torch(torch.optim.Adam), "torch.optim.Adam", False),
+    "AdamW": MethodSpec("AdamW", _torch(torch.optim.AdamW), "torch.optim.AdamW", False),
 }
 
 
 def _preset(preset: Builder, **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
-    def build(model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
-        return preset(model.parameters(), model=model, **{**fixed, **kw})
+    def build(model: nn.Module, params: Any = None, **kw: Any) -> torch.optim.Optimizer:
+        return preset(model.parameters() if params is None else params, model=model, **{**fixed, **kw})
 
     return build
 

@@ -13,10 +13,10 @@ __all__ = ["COLORS", "plot_curves"]
 
 #: A fixed colour per method, so the same method looks the same on every plot.
 COLORS = {
-    "SGD-m": "#7f7f7f", "Adam": "#1f77b4", "TNT": "#d62728", "TNT-empirical": "#ff9896",
+    "SGD-m": "#7f7f7f", "Adam": "#1f77b4", "AdamW": "#17becf", "TNT": "#d62728", "TNT-empirical": "#ff9896",
     "KFAC": "#2ca02c", "Shampoo": "#9467bd", "KBFGS": "#ff7f0e", "KBFGS_L": "#8c564b",
 }
-_EXTRA = ["#17becf", "#bcbd22", "#e377c2", "#aec7e8", "#98df8a"]
+_EXTRA = ["#bcbd22", "#e377c2", "#aec7e8", "#98df8a"]
 
 
 def _color(method: str, seen: dict[str, str]) -> str:
@@ -29,7 +29,8 @@ def _color(method: str, seen: dict[str, str]) -> str:
 
 def _ylim(results: Sequence[RunResult], key: str) -> tuple[float, float] | None:
     """A range that shows the interesting part: from the lowest value to the highest value
-    after the first epoch (the initial loss is usually far above everything else)."""
+    after the first epoch, or after the initial point of runs shorter than an epoch (the
+    initial loss is usually far above everything else)."""
     lows, highs = [], []
     for r in results:
         vals = [v for v in getattr(r, key) if math.isfinite(v)]
@@ -37,6 +38,8 @@ def _ylim(results: Sequence[RunResult], key: str) -> tuple[float, float] | None:
             continue
         lows.append(min(vals))
         later = [v for e, v in zip(r.epoch, getattr(r, key)) if e >= 1 and math.isfinite(v)]
+        if not later and len(r.step) > 2:  # a run shorter than an epoch: skip the initial point
+            later = [v for v in getattr(r, key)[1:] if math.isfinite(v)]
         highs.append(max(later) if later else max(vals))
     if not lows:
         return None
@@ -60,7 +63,7 @@ def _draw(ax, method: str, runs: Sequence[RunResult], key: str, xkey: str, color
             curves.append((xs, ys, r.status))
     if not curves:
         return
-    same_x = xkey == "epoch" and all(c[0] == curves[0][0] for c in curves) and not bad
+    same_x = xkey in ("epoch", "step") and all(c[0] == curves[0][0] for c in curves) and not bad
     if same_x and len(curves) > 1:
         xs = curves[0][0]
         columns = list(zip(*(c[1] for c in curves)))
@@ -74,11 +77,14 @@ def _draw(ax, method: str, runs: Sequence[RunResult], key: str, xkey: str, color
             ax.plot(xs[-1:], ys[-1:], "x", color=color, ms=9)
 
 
-def plot_curves(results: Sequence[RunResult], out_dir: Path, *, title: str, classifier: bool) -> list[Path]:
+def plot_curves(results: Sequence[RunResult], out_dir: Path, *, title: str, classifier: bool,
+                target: float | None = None, test_name: str = "test") -> list[Path]:
     """Write ``train_loss_vs_epochs.png``, ``train_loss_vs_seconds.png`` and (for classifiers)
-    ``test_accuracy_vs_epochs.png``; returns the paths written. Several seeds of a method are
-    drawn as their mean with a min-max band when they share their x values, else one line each;
-    a diverged run ends in a cross."""
+    ``test_accuracy_vs_epochs.png``; with a ``target`` test loss instead ``test_loss_vs_steps.png``,
+    ``test_loss_vs_seconds.png`` (the target drawn as a dotted line) and
+    ``train_loss_vs_steps.png``. Returns the paths written. Several seeds of a method are drawn as
+    their mean with a min-max band when they share their x values, else one line each; a
+    diverged run ends in a cross."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,6 +95,11 @@ def plot_curves(results: Sequence[RunResult], out_dir: Path, *, title: str, clas
              ("train_loss", "seconds", "training seconds, log scale (evaluation excluded)", "training loss (full training set)")]
     if classifier:
         plots.append(("test_accuracy", "epoch", "epochs", "test accuracy"))
+    if target is not None:
+        ylabel = f"{test_name} loss (nats per character)"
+        plots = [("test_loss", "step", "training steps", ylabel),
+                 ("test_loss", "seconds", "training seconds, log scale (evaluation excluded)", ylabel),
+                 ("train_loss", "step", "training steps", "training loss (fixed training subset)")]
     paths = []
     extra: dict[str, str] = {}
     for key, xkey, xlabel, ylabel in plots:
@@ -98,7 +109,9 @@ def plot_curves(results: Sequence[RunResult], out_dir: Path, *, title: str, clas
             by_method.setdefault(r.method, []).append(r)
         for method, runs in by_method.items():
             _draw(ax, method, runs, key, xkey, _color(method, extra))
-        if key == "train_loss":
+        if key == "test_loss" and target is not None:
+            ax.axhline(target, color="k", ls=":", lw=1, label=f"target {target:g}")
+        if key in ("train_loss", "test_loss"):
             lim = _ylim(results, key)
             if lim is not None and lim[0] > 0 and lim[1] / lim[0] > 4:
                 ax.set_yscale("log")  # plateaus and final losses an order of magnitude apart
@@ -115,7 +128,7 @@ def plot_curves(results: Sequence[RunResult], out_dir: Path, *, title: str, clas
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        name = f"{key}_vs_{'epochs' if xkey == 'epoch' else 'seconds'}.png"
+        name = f"{key}_vs_{ {'epoch': 'epochs', 'step': 'steps'}.get(xkey, 'seconds') }.png"
         fig.savefig(out_dir / name)
         plt.close(fig)
         paths.append(out_dir / name)

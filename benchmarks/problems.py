@@ -9,6 +9,9 @@ digits-cnn    small CNN on 1x8x8 images, cross-entropy, test accuracy     scikit
 mnist-ae      the paper's 784-1000-500-250-30-250-500-1000-784            MNIST IDX files (user's)
               autoencoder, BCE-with-logits summed over pixels
 curves-ae     the CURVES 784-400-200-100-50-25-6-... autoencoder          GENERATED curves
+char-lm       a small GPT (2 pre-norm blocks, width 48, tied embedding),   Python's own
+              character level, cross-entropy per character; validation   pydoc_data/topics.py
+              loss, steps and seconds to a target validation loss         (real English text)
 ============  ==========================================================  ==========================
 
 Autoencoder losses are summed over the outputs and averaged over the batch (the paper's
@@ -18,16 +21,17 @@ convention, so the numbers are comparable in scale with its MNIST table).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import charlm
 from .curves import generate_curves
 from .data import Split, load_digits_split, load_mnist_images
 
-__all__ = ["PROBLEMS", "DataOptions", "Problem", "autoencoder", "digits_cnn", "get_problem"]
+__all__ = ["CHAR_LM", "PROBLEMS", "DataOptions", "Problem", "autoencoder", "digits_cnn", "get_problem", "lm_loss"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,21 @@ class Problem:
         curvature_loss: the likelihood name for ``opt.update_curvature(out, loss=...)``.
         classifier: whether test accuracy is reported (else test loss).
         generated: whether the data are generated rather than real.
+        param_groups: ``model -> param groups`` handed to every optimizer instead of
+            ``model.parameters()`` (``None``: one group); the optimizer's ``weight_decay`` applies
+            to groups that do not set their own.
+        curvature_outputs: maps the model outputs to what ``update_curvature`` samples from
+            (``None``: the outputs themselves); ``char-lm`` flattens ``(batch, time, vocab)``
+            logits to ``(batch * time, vocab)``, which the mean cross-entropy does not change.
+        train_eval_examples: evaluate the training loss on a fixed subset of this many training
+            examples (``None``: all of them).
+        target_test_loss: report the steps and seconds each run needs to reach this test
+            (validation) loss, as the modded-nanogpt speedruns do (``None``: not reported).
+        rank_by: the curve :mod:`benchmarks.tune` ranks settings by, ``"train_loss"`` or
+            ``"test_loss"`` (final values).
+        skip_methods: methods that ``--methods all`` leaves out on this problem (with the reason
+            in :data:`benchmarks.settings.PROBLEM_DEFAULTS`).
+        test_name: what the test split is called in tables and plots.
     """
 
     name: str
@@ -103,6 +122,13 @@ class Problem:
     curvature_loss: str
     classifier: bool = False
     generated: bool = False
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
+    curvature_outputs: Callable[[Tensor], Tensor] | None = None
+    train_eval_examples: int | None = None
+    target_test_loss: float | None = None
+    rank_by: str = "train_loss"
+    skip_methods: tuple[str, ...] = ()
+    test_name: str = "test"
 
 
 def _digits_ae(opts: DataOptions) -> Split:
@@ -127,25 +153,67 @@ def _curves(opts: DataOptions) -> Split:
     return Split(x_tr, x_tr, x_te, x_te)
 
 
+#: Sizes of the ``char-lm`` model and data (see :mod:`benchmarks.charlm`).
+CHAR_LM = {"block": 48, "width": 48, "layers": 2, "heads": 4, "val_windows": 256}
+
+
+def _char_lm_data(opts: DataOptions) -> Split:
+    text = charlm.load_text()
+    vocab = charlm.Vocabulary.of(text)
+    codes = vocab.encode(text)
+    cut = int(0.9 * codes.numel())
+    x_tr, y_tr = charlm.char_windows(codes[:cut], CHAR_LM["block"], limit=opts.n_train)
+    x_te, y_te = charlm.char_windows(codes[cut:], CHAR_LM["block"], limit=opts.n_test or CHAR_LM["val_windows"])
+    return Split(x_tr, y_tr, x_te, y_te)
+
+
+def _char_lm_model() -> nn.Module:
+    vocab = charlm.Vocabulary.of(charlm.load_text())
+    sizes = {k: v for k, v in CHAR_LM.items() if k != "val_windows"}
+    return charlm.CharGPT(charlm.GPTConfig(vocab=vocab.size, **sizes))
+
+
+def lm_loss(out: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy per position of ``(batch, time, vocab)`` logits against ``(batch, time)``
+    codes."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+
+def _flatten_positions(out: Tensor) -> Tensor:
+    return out.reshape(-1, out.shape[-1])
+
+
+#: AdamW is Adam with decoupled weight decay; the problems of the paper run Adam (no decay).
+_NO_ADAMW = ("AdamW",)
+
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in (
         Problem(
             "digits-ae", "digits autoencoder 64-128-64-32-8-32-64-128-64 (scikit-learn's real 8x8 digits)",
             lambda: autoencoder([64, 128, 64, 32, 8, 32, 64, 128, 64]), _digits_ae, bce_sum, "bce_with_logits",
+            skip_methods=_NO_ADAMW,
         ),
         Problem(
             "digits-cnn", "digits CNN classifier (scikit-learn's real 8x8 digits as 1x8x8 images)",
-            digits_cnn, _digits_images, F.cross_entropy, "cross_entropy", classifier=True,
+            digits_cnn, _digits_images, F.cross_entropy, "cross_entropy", classifier=True, skip_methods=_NO_ADAMW,
         ),
         Problem(
             "mnist-ae", "MNIST autoencoder 784-1000-500-250-30-250-500-1000-784 (the paper's, IDX files)",
             lambda: autoencoder([784, 1000, 500, 250, 30, 250, 500, 1000, 784]), _mnist, bce_sum, "bce_with_logits",
+            skip_methods=_NO_ADAMW,
         ),
         Problem(
             "curves-ae", "CURVES autoencoder 784-400-200-100-50-25-6-25-50-100-200-400-784 on GENERATED curves",
             lambda: autoencoder([784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784]), _curves, bce_sum,
-            "bce_with_logits", generated=True,
+            "bce_with_logits", generated=True, skip_methods=_NO_ADAMW,
+        ),
+        Problem(
+            "char-lm", "character-level GPT (2 blocks, width 48, context 48, tied embedding) on Python's "
+            "pydoc_data/topics.py (real English text)",
+            _char_lm_model, _char_lm_data, lm_loss, "cross_entropy",
+            param_groups=charlm.param_groups, curvature_outputs=_flatten_positions, train_eval_examples=256,
+            target_test_loss=1.7, rank_by="test_loss", skip_methods=("Adam",), test_name="validation",
         ),
     )
 }

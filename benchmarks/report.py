@@ -23,11 +23,13 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def summarize(results: Sequence[RunResult], *, classifier: bool) -> list[dict[str, Any]]:
+def summarize(results: Sequence[RunResult], *, classifier: bool, target: float | None = None) -> list[dict[str, Any]]:
     """One row per method (in the order first seen), numbers averaged over its seeds.
 
     Diverged and failed runs are counted in ``status`` and left out of the averages;
-    interrupted runs count with what they completed.
+    interrupted runs count with what they completed. With a ``target`` test loss, each row also
+    holds the steps and training seconds to reach it (mean and standard deviation over the runs
+    that reached it, and their min and max) and how many runs reached it.
     """
     by_method: dict[str, list[RunResult]] = {}
     for r in results:
@@ -52,10 +54,21 @@ def summarize(results: Sequence[RunResult], *, classifier: bool) -> list[dict[st
             "final_test_loss": _stats([r.test_loss[-1] if r.test_loss else float("nan") for r in usable]),
             "seconds_per_epoch": spe,
             "time_ratio_to_sgd": (spe[0] / sgd_spe) if math.isfinite(sgd_spe) and sgd_spe > 0 else float("nan"),
+            "ms_per_step": _stats([1000 * r.train_seconds / r.steps for r in usable if r.steps]),
             "state_mib": _stats([r.state_mib for r in usable]),
             "peak_mib": _stats([r.peak_mib for r in runs]),
             "messages": sorted({r.message for r in runs if r.message}),
         }
+        if target is not None:
+            hits = [h for h in (r.reached(target) for r in runs if r.status != "error") if h is not None]
+            row["target"] = target
+            row["target_reached"] = f"{len(hits)}/{len(runs)}"
+            row["steps_to_target"] = _stats([float(h[0]) for h in hits])
+            row["seconds_to_target"] = _stats([h[1] for h in hits])
+            row["steps_to_target_range"] = (min((h[0] for h in hits), default=float("nan")),
+                                            max((h[0] for h in hits), default=float("nan")))
+            row["seconds_to_target_range"] = (min((h[1] for h in hits), default=float("nan")),
+                                              max((h[1] for h in hits), default=float("nan")))
         if classifier:
             row["final_test_accuracy"] = _stats([100 * r.test_accuracy[-1] for r in usable if r.test_accuracy])
             row["best_test_accuracy"] = _stats([100 * max(r.test_accuracy) for r in usable if r.test_accuracy])
@@ -71,11 +84,17 @@ def _num(value: tuple[float, float] | float, fmt: str, with_std: bool) -> str:
     return f"{text} ± {format(std, '.2g' if fmt.endswith('g') else fmt)}" if with_std else text
 
 
-def table_cells(rows: Sequence[dict[str, Any]], *, classifier: bool) -> tuple[list[str], list[list[str]]]:
-    """Header and string cells of the results table."""
+def table_cells(rows: Sequence[dict[str, Any]], *, classifier: bool,
+                test_name: str = "test") -> tuple[list[str], list[list[str]]]:
+    """Header and string cells of the results table (with the columns to the target loss when the
+    rows hold them)."""
     multi = any(r["runs"] > 1 for r in rows)
+    targeted = any("target" in r for r in rows)
     header = ["method", "status", "epochs", "final train loss", "best train loss"]
-    header += ["test acc %", "best test acc %"] if classifier else ["test loss"]
+    header += ["test acc %", "best test acc %"] if classifier else [f"{test_name} loss"]
+    if targeted:
+        target = next(r["target"] for r in rows if "target" in r)
+        header += [f"reached {target:g}", "steps to target", "s to target", "ms/step"]
     header += ["s/epoch", "x SGD-m", "opt state MiB", "peak RSS MiB"]
     cells = []
     for r in rows:
@@ -85,15 +104,19 @@ def table_cells(rows: Sequence[dict[str, Any]], *, classifier: bool) -> tuple[li
             line += [_num(r["final_test_accuracy"], ".2f", multi), _num(r["best_test_accuracy"], ".2f", multi)]
         else:
             line.append(_num(r["final_test_loss"], "#.4g", multi))
+        if targeted:
+            line += [r.get("target_reached", "-"), _num(r.get("steps_to_target", float("nan")), ".0f", multi),
+                     _num(r.get("seconds_to_target", float("nan")), ".1f", multi),
+                     _num(r.get("ms_per_step", float("nan")), ".0f", False)]
         line += [_num(r["seconds_per_epoch"], ".3f", False), _num(r["time_ratio_to_sgd"], ".2f", False),
                  _num(r["state_mib"], ".3f", False), _num(r["peak_mib"], ".1f", False)]
         cells.append(line)
     return header, cells
 
 
-def format_table(rows: Sequence[dict[str, Any]], *, classifier: bool, rst: bool = False) -> str:
+def format_table(rows: Sequence[dict[str, Any]], *, classifier: bool, rst: bool = False, test_name: str = "test") -> str:
     """The table as aligned plain text, or as a reStructuredText simple table (``rst=True``)."""
-    header, cells = table_cells(rows, classifier=classifier)
+    header, cells = table_cells(rows, classifier=classifier, test_name=test_name)
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
     fmt = lambda line: "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
     if rst:

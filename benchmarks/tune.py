@@ -6,7 +6,7 @@ Example::
         --grid lr=1e-4,3e-4,1e-3,3e-3 --grid damping=0.03,0.1,0.3 --epochs 100
 
 Every combination trains from the same initial weights and data order (per seed) and is ranked
-by its final training loss (diverged runs last). The base settings are the recorded ones; each
+by its final training loss (``char-lm``: its final validation loss; diverged runs last). The base settings are the recorded ones; each
 ``--grid`` option replaces one key.
 """
 
@@ -53,9 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--problem", default="digits-ae", choices=list(PROBLEMS))
     p.add_argument("--method", required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the problem's)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--data-dir", default=None)
@@ -69,9 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.method not in methods:
             raise ValueError(f"method {args.method!r} is not installed; installed: {', '.join(methods)}")
         defaults = PROBLEM_DEFAULTS[problem.name]
-        if defaults.threads is not None:
-            torch.set_num_threads(defaults.threads)
-        budget = Budget(epochs=args.epochs if (args.epochs or args.seconds) else defaults.epochs, seconds=args.seconds)
+        threads = args.threads if args.threads is not None else defaults.threads
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if args.epochs is None and args.seconds is None and args.steps is None:
+            budget = Budget(epochs=defaults.epochs, steps=defaults.steps)
+        else:
+            budget = Budget(epochs=args.epochs, seconds=args.seconds, steps=args.steps)
+        eval_every = args.eval_every if args.eval_every is not None else defaults.eval_every
         grid = parse_grid(args.grid)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -83,19 +91,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
         kwargs = {**base, **dict(zip(keys, combo))}
         runs = [run_one(problem, split, methods[args.method], kwargs, seed=s, batch_size=args.batch_size or defaults.batch_size,
-                        budget=budget, progress=False) for s in range(args.seeds)]
-        finals = [r.final_train_loss for r in runs if r.status == "ok"]
+                        budget=budget, progress=False, eval_every=eval_every) for s in range(args.seeds)]
+        if problem.rank_by == "test_loss":
+            finals = [r.test_loss[-1] for r in runs if r.status == "ok" and r.test_loss]
+        else:
+            finals = [r.final_train_loss for r in runs if r.status == "ok"]
         diverged = sum(r.status != "ok" for r in runs)
         final = statistics.fmean(finals) if finals and not diverged else math.inf
         spe = statistics.fmean([r.seconds_per_epoch for r in runs if r.status == "ok"] or [math.nan])
         acc = [max(r.test_accuracy) for r in runs if r.status == "ok" and r.test_accuracy]
-        rows.append({"settings": kwargs, "final_train_loss": final, "not_ok": diverged, "seconds_per_epoch": spe,
+        rows.append({"settings": kwargs, f"final_{problem.rank_by}": final, "rank_value": final, "not_ok": diverged, "seconds_per_epoch": spe,
                      "runs": [r.to_dict() for r in runs]})
-        print(f"{kwargs}: final train loss {final:.4f}" + (f" ({diverged} not ok)" if diverged else "")
+        hits = [r.reached(problem.target_test_loss) for r in runs] if problem.target_test_loss is not None else []
+        reach = [h[0] for h in hits if h is not None]
+        print(f"{kwargs}: final {problem.rank_by.replace('_', ' ')} {final:.4f}"
+              + (f" ({diverged} not ok)" if diverged else "")
+              + (f", steps to {problem.target_test_loss:g}: {reach or 'not reached'}" if hits else "")
               + (f", best test accuracy {100 * statistics.fmean(acc):.2f}%" if acc else "")
               + f", {spe:.3f} s/epoch", flush=True)
-    rows.sort(key=lambda r: r["final_train_loss"])
-    print("best:", rows[0]["settings"], f"{rows[0]['final_train_loss']:.4f}")
+    rows.sort(key=lambda r: r["rank_value"])
+    print("best:", rows[0]["settings"], f"{rows[0]['rank_value']:.4f}")
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / problem.name / f"tune_{args.method}.json"
     write_json(out, {"problem": problem.name, "method": args.method, "grid": grid,
                      "budget": {"epochs": budget.epochs, "seconds": budget.seconds}, "results": rows})

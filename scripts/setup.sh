@@ -13,4 +13,6 @@ for plugin in plugins/*/; do
   [ -f "$plugin/pyproject.toml" ] && args+=(-e "$plugin")
 done
 .venv/bin/python -m pip install -q "${args[@]}"
+# trainer integrations (curvkit.integrations): lightning, transformers, accelerate; torch stays as pinned
+.venv/bin/python -m pip install -q -e ".[integrations]"
 echo "curvkit environment ready in .venv"

@@ -2,14 +2,25 @@ r"""Targets sampled from the model's predictive distribution, for true-Fisher ev
 
 The Fisher information is :math:`F = E_{x}\,E_{y \sim p(y|x,\theta)}[\nabla \log p\,\nabla \log p^\top]`:
 the gradient must be taken with targets drawn from the model itself, not the data labels (which
-would give the *empirical* Fisher). :func:`sampled_loss` draws one target per example and returns
-the batch-mean negative log-likelihood whose gradient is that sampling-based gradient.
+would give the *empirical* Fisher). :func:`sampled_loss` draws one target per example (per
+position, per output) and returns the negative log-likelihood whose gradient is that
+sampling-based gradient.
 
 Supported likelihoods (``outputs`` are the model's raw outputs, batch first):
 
 ``"cross_entropy"``
-    :math:`y \sim \mathrm{Categorical}(\mathrm{softmax}(z))` along dim 1 (shape ``(N, C, ...)``);
-    loss = cross-entropy, averaged over all positions (``reduction="mean"``) by default.
+    :math:`y \sim \mathrm{Categorical}(\mathrm{softmax}(z))` along the *class axis*; loss =
+    cross-entropy, averaged over all positions (``reduction="mean"``) by default. The class axis
+    is ``class_dim``; left at ``None`` it is read from the rank of ``outputs``:
+
+    * ``(N, C)``: axis 1;
+    * rank 3, such as a language model's ``(batch, time, vocab)`` logits or a 1-d segmentation
+      net's ``(N, C, L)``: **refused** with a :class:`ValueError`, because PyTorch's
+      ``(N, C, ...)`` layout and the ``(..., C)`` layout of sequence models cannot be told apart
+      from the shape. Pass ``class_dim=-1`` (classes last) or ``class_dim=1`` (PyTorch's
+      layout), or a flattened ``(N * T, C)`` view;
+    * rank 4 and more, ``(N, C, d1, d2, ...)`` such as image segmentation: axis 1, PyTorch's
+      convention. Outputs of that rank with the classes last still need ``class_dim=-1``.
 ``"bce_with_logits"``
     :math:`y_j \sim \mathrm{Bernoulli}(\sigma(z_j))` independently per output; loss = BCE with
     logits summed over outputs, mean over the batch (``reduction="batch_mean"``) by default, as
@@ -17,22 +28,37 @@ Supported likelihoods (``outputs`` are the model's raw outputs, batch first):
 ``"mse"``
     :math:`y \sim \mathcal N(z, I)`; loss = :math:`\tfrac12 \|z - y\|^2` summed over outputs, mean
     over the batch by default (the Gaussian negative log-likelihood, whose Fisher is exact).
-a callable
-    ``loss(outputs, generator) -> Tensor`` that samples and returns the scalar sampled loss itself.
+a loss object
+    PyTorch's own losses stand for the likelihood they are the negative log of
+    (:func:`resolve_loss`): :func:`torch.nn.functional.cross_entropy`,
+    ``torch.nn.CrossEntropyLoss()``, ``torch.nn.functional.nll_loss`` and ``torch.nn.NLLLoss()``
+    (outputs that are log-probabilities) mean ``"cross_entropy"``;
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits` and
+    ``torch.nn.BCEWithLogitsLoss()`` mean ``"bce_with_logits"``; ``torch.nn.functional.mse_loss``
+    and ``torch.nn.MSELoss()`` mean ``"mse"``. Only the
+    likelihood is taken from the object: the sampled loss uses the named likelihood's default
+    reduction (or ``reduction=``), and a module's ``weight``, ``label_smoothing`` or
+    ``ignore_index`` do not enter, since the Fisher is a property of the model's predictive
+    distribution, not of the training loss.
+a sampler callable
+    ``fn(outputs, generator) -> Tensor``: a function of your own that draws targets from the
+    model's predictive distribution with ``generator`` and returns the scalar (0-d) sampled loss.
 
 Reductions: ``"batch_mean"`` sums over every non-batch dimension and divides by the batch size;
-``"mean"`` averages over all elements; ``"sum"`` sums everything.
+``"mean"`` averages over all elements (all positions, for ``"cross_entropy"``); ``"sum"`` sums
+everything.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["LOSSES", "LossSpec", "REDUCTIONS", "sample_targets", "sampled_loss"]
+__all__ = ["LOSSES", "LossSpec", "REDUCTIONS", "resolve_loss", "sample_targets", "sampled_loss"]
 
 #: The likelihoods :func:`sampled_loss` knows by name.
 LOSSES = ("cross_entropy", "bce_with_logits", "mse")
@@ -40,36 +66,181 @@ LOSSES = ("cross_entropy", "bce_with_logits", "mse")
 REDUCTIONS = ("batch_mean", "mean", "sum")
 _DEFAULT_REDUCTION = {"cross_entropy": "mean", "bce_with_logits": "batch_mean", "mse": "batch_mean"}
 
-#: What ``loss=`` accepts, a name in :data:`LOSSES` or a callable ``(outputs, generator) -> scalar``.
-LossSpec = Union[str, Callable[[Tensor, torch.Generator], Tensor]]
+#: What ``loss=`` accepts: a name in :data:`LOSSES`, one of PyTorch's loss functions or modules
+#: that stand for one (see :func:`resolve_loss`), or a sampler callable
+#: ``(outputs, generator) -> scalar``.
+LossSpec = Union[str, Callable[..., Tensor], nn.Module]
+
+# PyTorch's loss functions and modules whose likelihood curvkit samples from
+_FUNCTIONS: tuple[tuple[Callable[..., Tensor], str], ...] = (
+    (F.cross_entropy, "cross_entropy"),
+    (F.nll_loss, "cross_entropy"),
+    (F.binary_cross_entropy_with_logits, "bce_with_logits"),
+    (F.mse_loss, "mse"),
+)
+_MODULES: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.CrossEntropyLoss, "cross_entropy"),
+    (nn.NLLLoss, "cross_entropy"),
+    (nn.BCEWithLogitsLoss, "bce_with_logits"),
+    (nn.MSELoss, "mse"),
+)
+_KNOWN_OBJECTS = (
+    "torch.nn.functional.cross_entropy / nll_loss / binary_cross_entropy_with_logits / mse_loss, "
+    "torch.nn.CrossEntropyLoss() / NLLLoss() / BCEWithLogitsLoss() / MSELoss()"
+)
+_SAMPLER_SHAPE = (
+    "a sampler callable must look like fn(outputs, generator) -> 0-d Tensor: it draws targets from "
+    "the model's predictive distribution using `generator` (a torch.Generator) and returns the scalar "
+    "loss against them; a training loss fn(outputs, target) is not one"
+)
+# names of a second parameter that say "this is a training loss taking the data labels"
+_TARGET_NAMES = ("target", "targets", "label", "labels", "y", "y_true")
 
 
-def sample_targets(outputs: Tensor, loss: str, *, generator: torch.Generator | None = None) -> Tensor:
-    """Draw one target per example (per output for BCE/MSE) from the predictive distribution.
+def _describe(obj: object) -> str:
+    if isinstance(obj, nn.Module):
+        return f"{type(obj).__module__}.{type(obj).__qualname__}()"
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    module = getattr(obj, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
 
-    Runs without gradient; the result has no autograd history.
+
+def resolve_loss(loss: LossSpec) -> str | Callable[[Tensor, torch.Generator | None], Tensor]:
+    """The likelihood behind ``loss``: a name in :data:`LOSSES`, or a sampler callable.
+
+    Names pass through (checked); PyTorch's loss functions and modules listed in the module
+    docstring map to their names; any other callable must be a sampler
+    ``fn(outputs, generator) -> scalar``.
+
+    Raises:
+        ValueError: for an unknown name, for a PyTorch loss (function or module) whose
+            likelihood curvkit does not sample from, and for a callable that cannot be called as
+            ``fn(outputs, generator)`` or whose second parameter is named like a target
+            (``target``, ``labels``, ...), i.e. a training loss rather than a sampler.
     """
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(
+                f"loss must be one of {LOSSES}, a PyTorch loss standing for one ({_KNOWN_OBJECTS}) or a "
+                f"sampler callable, got {loss!r}"
+            )
+        return loss
+    for fn, name in _FUNCTIONS:
+        if loss is fn:
+            return name
+    if isinstance(loss, nn.Module):
+        for cls, name in _MODULES:
+            if isinstance(loss, cls):
+                return name
+        raise ValueError(
+            f"loss={_describe(loss)} is a module whose likelihood curvkit does not sample from; pass one of "
+            f"{LOSSES}, {_KNOWN_OBJECTS}, or your own sampler ({_SAMPLER_SHAPE})"
+        )
+    if not callable(loss):
+        raise ValueError(f"loss must be a name in {LOSSES}, a PyTorch loss or a sampler callable, got {loss!r}")
+    if getattr(loss, "__module__", None) in ("torch.nn.functional", "torch._C._nn", "torch"):
+        raise ValueError(
+            f"loss={_describe(loss)} is a PyTorch loss function whose likelihood curvkit does not sample "
+            f"from; pass one of {LOSSES}, {_KNOWN_OBJECTS}, or your own sampler ({_SAMPLER_SHAPE})"
+        )
+    try:
+        signature = inspect.signature(loss)
+    except (TypeError, ValueError):  # a builtin without a signature: judged when called
+        return loss
+    try:
+        bound = signature.bind(object(), object())
+    except TypeError:
+        raise ValueError(
+            f"loss={_describe(loss)} cannot be called as fn(outputs, generator) (its signature is "
+            f"{signature}); {_SAMPLER_SHAPE}"
+        ) from None
+    second = list(bound.arguments)[1:2]  # the parameter the generator would be bound to
+    if second and second[0].lower() in _TARGET_NAMES:
+        raise ValueError(
+            f"loss={_describe(loss)} takes ({', '.join(signature.parameters)}), which looks like a training "
+            f"loss against data labels; {_SAMPLER_SHAPE}. For cross-entropy, BCE with logits or squared "
+            f"error pass the name ({', '.join(LOSSES)}) instead"
+        )
+    return loss
+
+
+def _class_axis(outputs: Tensor, class_dim: int | None) -> int:
+    """The non-negative class axis of cross-entropy ``outputs`` (see the module docstring)."""
+    rank = outputs.dim()
+    shape = tuple(outputs.shape)
+    if rank < 2:
+        raise ValueError(
+            f"cross_entropy needs outputs with a batch axis and a class axis, (N, C) or (N, ..., C), got "
+            f"shape {shape}"
+        )
+    if class_dim is None:
+        if rank == 3:
+            raise ValueError(
+                f"cross_entropy got outputs of shape {shape} and cannot tell which axis holds the classes: "
+                f"(batch, time, vocab) logits of a sequence model have them last, PyTorch's (N, C, L) layout "
+                f"second. Say which: loss='cross_entropy', class_dim=-1 for (batch, ..., classes), "
+                f"class_dim=1 for (N, C, L); or pass a flattened (N*T, C) view, "
+                f"outputs.reshape(-1, outputs.shape[-1])"
+            )
+        return 1
+    if not isinstance(class_dim, int) or isinstance(class_dim, bool):
+        raise ValueError(f"class_dim must be an int (an axis of outputs) or None, got {class_dim!r}")
+    if not -rank <= class_dim < rank:
+        raise ValueError(
+            f"class_dim={class_dim} is out of range for outputs of shape {shape} (rank {rank}); use an axis "
+            f"in [{-rank}, {rank - 1}], for example -1 for classes last"
+        )
+    axis = class_dim % rank
+    if axis == 0:
+        raise ValueError(
+            f"class_dim={class_dim} names the batch axis of outputs of shape {shape}; outputs are batch first, "
+            f"so the classes are on another axis (class_dim=-1 for classes last, 1 for PyTorch's (N, C, ...))"
+        )
+    return axis
+
+
+def sample_targets(
+    outputs: Tensor,
+    loss: LossSpec,
+    *,
+    generator: torch.Generator | None = None,
+    class_dim: int | None = None,
+) -> Tensor:
+    """Draw one target per example (per position for cross-entropy, per output for BCE/MSE) from
+    the model's predictive distribution.
+
+    Runs without gradient; the result has no autograd history. Cross-entropy targets are class
+    indices of shape ``outputs.shape`` without the class axis (``class_dim``, see the module
+    docstring); BCE and MSE targets have the shape of ``outputs``.
+
+    Raises:
+        ValueError: for an unknown likelihood, a sampler callable (it samples itself), an
+            ambiguous or invalid class axis, or ``class_dim`` with a likelihood other than
+            ``"cross_entropy"``.
+    """
+    name = resolve_loss(loss)
+    if not isinstance(name, str):
+        raise ValueError("sample_targets needs a named likelihood; a sampler callable draws its own targets")
+    if class_dim is not None and name != "cross_entropy":
+        raise ValueError(
+            f"class_dim={class_dim!r} applies to loss='cross_entropy' only; {name!r} samples every output "
+            f"independently (leave class_dim unset)"
+        )
     with torch.no_grad():
         z = outputs.detach()
-        if loss == "cross_entropy":
-            if z.dim() < 2:
-                raise ValueError(
-                    f"cross_entropy needs outputs of shape (N, C, ...), got shape {tuple(z.shape)}"
-                )
+        if name == "cross_entropy":
+            axis = _class_axis(z, class_dim)
             # non-finite outputs (a diverging model) still sample; their loss and gradient are
             # non-finite and the optimizer's evidence check then skips them
-            logits = torch.nan_to_num(z.float(), nan=0.0).movedim(1, -1).reshape(-1, z.shape[1])
-            probs = torch.softmax(logits, dim=-1)
+            moved = torch.nan_to_num(z.float(), nan=0.0).movedim(axis, -1)
+            probs = torch.softmax(moved.reshape(-1, z.shape[axis]), dim=-1)
             idx = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            shape = (z.shape[0],) + tuple(z.shape[2:])
-            return idx.reshape(shape)
-        if loss == "bce_with_logits":
+            return idx.reshape(moved.shape[:-1])
+        if name == "bce_with_logits":
             probs = torch.sigmoid(z.float()).nan_to_num(0.5)
             return torch.bernoulli(probs, generator=generator).to(z.dtype)
-        if loss == "mse":
-            noise = torch.randn(z.shape, generator=generator, dtype=torch.float32, device=z.device)
-            return (z.float() + noise).to(z.dtype)
-    raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
+        noise = torch.randn(z.shape, generator=generator, dtype=torch.float32, device=z.device)
+        return (z.float() + noise).to(z.dtype)
 
 
 def _reduce(per_element: Tensor, reduction: str, batch: int) -> Tensor:
@@ -88,33 +259,52 @@ def sampled_loss(
     *,
     reduction: str | None = None,
     generator: torch.Generator | None = None,
+    class_dim: int | None = None,
 ) -> Tensor:
     """The loss of ``outputs`` against targets sampled from the model (differentiable in outputs).
 
     Args:
         outputs: raw model outputs (logits, or predictions for ``"mse"``), batch first.
-        loss: ``"cross_entropy"``, ``"bce_with_logits"``, ``"mse"`` or a callable
+        loss: ``"cross_entropy"``, ``"bce_with_logits"``, ``"mse"``, a PyTorch loss function or
+            module standing for one (see :func:`resolve_loss`), or a sampler callable
             ``(outputs, generator) -> scalar``.
         reduction: ``"batch_mean"``, ``"mean"`` or ``"sum"``; ``None`` takes the loss's default.
         generator: random generator for the draws (the optimizer passes its own, which it saves).
+        class_dim: the class axis of cross-entropy outputs: ``-1`` for ``(batch, ..., classes)``
+            such as language-model logits ``(batch, time, vocab)``, ``1`` for PyTorch's
+            ``(N, C, ...)``; ``None`` reads it from the rank (``(N, C)`` and rank >= 4: axis 1;
+            rank 3: refused as ambiguous). Only for ``"cross_entropy"``.
+
+    Raises:
+        ValueError: for an unknown likelihood or reduction, an ambiguous or invalid class axis, a
+            0-d ``outputs``, or a sampler callable that does not return a 0-d tensor (or fails
+            when called as ``fn(outputs, generator)``).
     """
-    if callable(loss):
-        value = loss(outputs, generator)
+    name = resolve_loss(loss)
+    if not isinstance(name, str):
+        if reduction is not None or class_dim is not None:
+            raise ValueError(
+                "reduction= and class_dim= apply to the named likelihoods; a sampler callable reduces "
+                "its own loss (leave them unset)"
+            )
+        try:
+            value = name(outputs, generator)
+        except TypeError as exc:
+            raise ValueError(f"calling loss={_describe(name)}(outputs, generator) failed ({exc}); {_SAMPLER_SHAPE}") from exc
         if not isinstance(value, Tensor) or value.dim() != 0:
-            raise ValueError("a callable loss must return a scalar (0-d) tensor")
+            raise ValueError(f"a sampler callable must return a scalar (0-d) tensor; {_SAMPLER_SHAPE}")
         return value
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
-    reduction = _DEFAULT_REDUCTION[loss] if reduction is None else reduction
+    reduction = _DEFAULT_REDUCTION[name] if reduction is None else reduction
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if outputs.dim() == 0:
         raise ValueError("outputs must have a batch dimension, got a 0-d tensor")
-    target = sample_targets(outputs, loss, generator=generator)
+    target = sample_targets(outputs, name, generator=generator, class_dim=class_dim)
     batch = outputs.shape[0]
-    if loss == "cross_entropy":
-        per = F.cross_entropy(outputs, target, reduction="none")
-    elif loss == "bce_with_logits":
+    if name == "cross_entropy":
+        axis = _class_axis(outputs, class_dim)
+        per = F.cross_entropy(outputs.movedim(axis, 1), target, reduction="none")
+    elif name == "bce_with_logits":
         per = F.binary_cross_entropy_with_logits(outputs, target, reduction="none")
     else:
         per = 0.5 * (outputs - target).pow(2)

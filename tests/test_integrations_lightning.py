@@ -1,0 +1,210 @@
+"""curvkit optimizers under a real PyTorch Lightning Trainer (CPU, a few steps, no network).
+
+The reference for each run is the same training written out as a plain loop (forward,
+``update_curvature`` before the backward, ``step`` with a closure for K-BFGS): with the same
+seeds, data order and optimizer seed, Lightning must reach bit-for-bit the same parameters and
+statistics. That fails if the sampled pass is skipped, run on the wrong axis, run after the
+backward, or run twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvkit
+
+L = pytest.importorskip("lightning.pytorch")
+from curvkit.integrations import sequence_sampler  # noqa: E402
+from curvkit.integrations.lightning import CurvatureCallback  # noqa: E402
+
+V, T, N, BATCH, STEPS = 11, 6, 24, 4, 4
+
+
+class TinyLM(nn.Module):
+    """Embedding -> Linear -> tanh -> Linear: (batch, time) codes to (batch, time, vocab) logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 8)
+        self.hidden = nn.Linear(8, 16)
+        self.head = nn.Linear(16, V)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.emb(x))))
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (N, T), generator=g)
+    return x, (x + 1) % V  # a learnable next-token rule
+
+
+def _loss(logits, y):
+    return F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+
+
+def _make(method: str, model: nn.Module):
+    if method == "TNT":
+        return curvkit.TNT(model.parameters(), lr=1e-2, damping=0.1, seed=3)
+    return curvkit.get("method", method)(model.parameters(), model=model, lr=0.05, damping=0.3, seed=3)
+
+
+class LitLM(L.LightningModule):
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = TinyLM()
+        self.method = method
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        return {"loss": _loss(logits, y), "outputs": logits}
+
+    def configure_optimizers(self):
+        return _make(self.method, self.net)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=BATCH, shuffle=False)
+
+
+def _trainer(callbacks, steps=STEPS):
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                     num_sanity_val_steps=0)
+
+
+def _reference(method: str, steps=STEPS):
+    """The same training as a plain loop."""
+    torch.manual_seed(1)
+    model = TinyLM()
+    opt = _make(method, model)
+    x, y = _data()
+    sampler = sequence_sampler("cross_entropy", class_dim=-1)
+    for i in range(steps):
+        xb, yb = x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
+        if opt.needs_closure:
+            def closure(xb=xb, yb=yb):
+                opt.zero_grad()
+                value = _loss(model(xb), yb)
+                value.backward()
+                return value
+            opt.step(closure)
+            continue
+        out = model(xb)
+        loss = _loss(out, yb)
+        opt.zero_grad()
+        opt.update_curvature(out, loss=sampler)
+        loss.backward()
+        opt.step()
+    return model, opt
+
+
+def _fit(method: str, callbacks):
+    module = LitLM(method)
+    _trainer(callbacks).fit(module)
+    return module
+
+
+@pytest.mark.parametrize("method", ["TNT", "KFAC"])
+def test_callback_runs_the_sampled_pass_as_a_plain_loop_does(method):
+    if method not in curvkit.available("method")["method"]:
+        pytest.skip(f"{method} is not installed")
+    callback = CurvatureCallback(loss="cross_entropy", class_dim=-1)
+    module = _fit(method, [callback])
+    opt = module.trainer.optimizers[0]
+    assert callback.sampled_passes == STEPS
+    ref_model, ref_opt = _reference(method)
+    for p, q in zip(module.net.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for i in range(len(opt.blocks)):
+        ours, theirs = opt.block_state(i)["estimator"], ref_opt.block_state(i)["estimator"]
+        assert ours["updates"] == theirs["updates"]
+        for key, value in ours.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, theirs[key], rtol=0, atol=0)
+    # the statistics of the head really moved (not left at their initial zeros)
+    head = next(i for i, b in enumerate(opt.blocks) if b.params[0] is module.net.head.weight)
+    state = opt.block_state(head)["estimator"]
+    stats = state["grams"] if method == "TNT" else [state["A"], state["G"]]
+    assert state["updates"] == STEPS and all(float(s.abs().sum()) > 0 for s in stats if s is not None)
+    # the method is restored once the fit is over
+    assert "training_step" not in module.__dict__
+
+
+def test_kbfgs_takes_lightnings_closure():
+    if "KBFGS" not in curvkit.available("method")["method"]:
+        pytest.skip("KBFGS is not installed")
+    module = _fit("KBFGS", [])
+    opt = module.trainer.optimizers[0]
+    ref_model, ref_opt = _reference("KBFGS")
+    for p, q in zip(module.net.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    hidden = next(i for i, b in enumerate(opt.blocks) if b.params[0] is module.net.hidden.weight)
+    state, ref_state = opt.block_state(hidden)["estimator"], ref_opt.block_state(hidden)["estimator"]
+    assert state["updates"] == ref_state["updates"] > 0
+    assert not torch.equal(state["Hg"], torch.eye(state["Hg"].shape[0]))  # the after-step pass updated H_g
+    torch.testing.assert_close(state["Hg"], ref_state["Hg"], rtol=0, atol=0)
+
+
+def test_missing_outputs_and_missing_optimizer_are_explained():
+    class NoOutputs(LitLM):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return _loss(self.net(x), y)
+
+    with pytest.raises(RuntimeError, match="'outputs'"):
+        _trainer([CurvatureCallback(class_dim=-1)], steps=1).fit(NoOutputs("TNT"))
+
+    class Plain(LitLM):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match="no curvkit optimizer"):
+        _trainer([CurvatureCallback(class_dim=-1)], steps=1).fit(Plain("TNT"))
+    with pytest.raises(ValueError, match="outputs_key"):
+        CurvatureCallback(outputs_key="loss")
+    with pytest.raises(ValueError, match="class_dim"):
+        CurvatureCallback(class_dim=0)
+
+
+class ManualLM(LitLM):
+    """Manual optimisation, calling update_curvature on what ``self.optimizers()`` returns."""
+
+    def __init__(self, unwrap: bool) -> None:
+        super().__init__("TNT")
+        self.automatic_optimization = False
+        self.unwrap = unwrap
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        target = opt.optimizer if self.unwrap else opt
+        logits = self.net(x)
+        loss = _loss(logits, y)
+        opt.zero_grad()
+        target.update_curvature(logits, loss=sequence_sampler(class_dim=-1))
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_manual_optimisation_with_the_unwrapped_optimizer():
+    module = ManualLM(unwrap=True)
+    _trainer([]).fit(module)
+    ref_model, _ = _reference("TNT")
+    for p, q in zip(module.net.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.xfail(reason="needs engine counters shared across __dict__ copies (lead)", strict=True,
+                   raises=RuntimeError)
+def test_manual_optimisation_through_lightnings_wrapper():
+    """LightningOptimizer copies the optimizer's __dict__: update_curvature on the copy records
+    its statistics step on the copy, and the real optimizer's step then finds none."""
+    module = ManualLM(unwrap=False)
+    _trainer([]).fit(module)
+    ref_model, _ = _reference("TNT")
+    for p, q in zip(module.net.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
