@@ -460,19 +460,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         loss: LossSpec | None = None,
         reduction: str | None = None,
         max_batches: int | None = None,
+        **loss_options: Any,
     ) -> int:
         r"""Set the statistics to their exact mean over ``batches`` at the current parameters.
 
         For sampled evidence ``forward(batch)`` returns the model outputs and ``loss`` names the
         likelihood; for minibatch evidence ``forward(batch)`` returns the (true-label) loss. The
-        first training step then takes no new statistics (as in the paper).
+        first training step then takes no new statistics (as in the paper). Extra keyword options
+        (``class_dim``, ...) go to the likelihood, as in :meth:`update_curvature`.
 
         Returns:
             The number of batches used.
         """
         check_positive_int("max_batches", max_batches, allow_none=True)
         loss = self.default_loss if loss is None else loss
-        return self._collector.warm_start(batches, forward, loss=loss, reduction=reduction, max_batches=max_batches)
+        return self._collector.warm_start(
+            batches, forward, loss=loss, reduction=reduction, max_batches=max_batches, **loss_options
+        )
 
     # ------------------------------------------------------------------ step
     def _check_stale(self) -> None:

@@ -339,6 +339,7 @@ class EvidenceCollector:
         loss: LossSpec | None,
         reduction: str | None,
         max_batches: int | None,
+        **loss_options: Any,
     ) -> int:
         """Statistics = their exact mean over ``batches`` at the current parameters."""
         sampled = self.spec.source is Source.SAMPLED
@@ -353,7 +354,10 @@ class EvidenceCollector:
                 break
             with torch.enable_grad():
                 out = forward(batch)
-                value = sampled_loss(out, loss, reduction=reduction, generator=self.generator(out.device)) if sampled else out
+                value = (
+                    sampled_loss(out, loss, reduction=reduction, generator=self.generator(out.device), **loss_options)
+                    if sampled else out
+                )
                 with self.estimator.capture(), self.phase("sampled" if sampled else "minibatch"):
                     grads = torch.autograd.grad(value, params, allow_unused=True)
             self.feed(all_ids, {id(p): g for p, g in zip(params, grads)}, decay=n / (n + 1))
