@@ -26,7 +26,11 @@ the split is :math:`A + \pi\sqrt\lambda I`, :math:`G + \sqrt\lambda/\pi\, I` wit
 :math:`A`, so the core ``kronecker_mode`` preconditioner with a power-1 inverter forms the KFAC
 direction :math:`(G + d_G I)^{-1} M (A + d_A I)^{-1}` on the momentum buffer :math:`M`.
 
-Parameters of layers kfac does not know (norm layers, embeddings, loose parameters, grouped
+The block plan is :func:`curvkit_kfac.planning.plan_layers` (shared with ``kbfgs``): a layer's
+weight and bias form one block even when they sit in different param groups, a weight tied
+across several layers gets one block whose statistics come from every use, and
+``nn.MultiheadAttention`` (whose forward bypasses ``out_proj.forward``) is planned as a fallback.
+Parameters of layers kfac does not know (norm layers, attention, loose parameters, grouped
 convolutions) follow the ``fallback`` policy: ``"momentum"`` gives them a block with every mode
 unfactored (the plain momentum direction), ``"error"`` refuses them. A mode larger than
 ``max_factor_dim`` is left unfactored (identity); the factored side then gets the full damping
@@ -51,14 +55,13 @@ from curvkit import (
     Factor,
     PartConfig,
     Source,
-    fallback_block,
-    layer_block,
     register,
     statistics_dtype,
 )
 from curvkit.config import check_choice, check_in_unit_interval, check_positive
 
-from .layers import layer_rows, unsupported_reason
+from .layers import LAYER_KINDS, layer_rows
+from .planning import layer_modules, plan_layers
 
 __all__ = ["FALLBACK_KIND", "KFACConfig", "KFACEstimator"]
 
@@ -109,7 +112,9 @@ class KFACEstimator(CurvatureEstimator):
     @property
     def evidence(self) -> EvidenceSpec:
         source = Source.SAMPLED if self.config.evidence == "sampled" else Source.MINIBATCH
-        return EvidenceSpec(source=source, layer_io=True)
+        # KFAC reads layer inputs and output gradients only: no layer outputs, and the sampled
+        # backward may stop at the layer outputs (no weight-gradient products)
+        return EvidenceSpec(source=source, layer_io=True, layer_outputs=False, parameter_gradients=False)
 
     # ------------------------------------------------------------------ plan
     def plan(
@@ -119,60 +124,12 @@ class KFACEstimator(CurvatureEstimator):
         model: nn.Module | None,
         max_factor_dim: int | None,
     ) -> list[Block]:
-        """One ``(out, in_flat [+ 1])`` block per known layer, fallback blocks for the rest."""
-        if model is None:
-            raise ValueError("kfac builds its blocks from the model's layers: pass model=<your nn.Module>")
-        entry = {id(p): (name, p, gi) for name, p, gi in named_params}
-        layer_block: dict[int, Block] = {}
-        reasons: dict[int, str] = {}
-        for mname, module in model.named_modules():
-            reason = unsupported_reason(module)
-            if reason is None:
-                weight = module.weight
-                if id(weight) in entry and id(weight) not in layer_block:
-                    block = self._layer_block(mname, module, entry, max_factor_dim)
-                    for p in block.params:
-                        layer_block[id(p)] = block
-                    reason = "bias in another param group than its layer's weight"
-                elif id(weight) in layer_block:
-                    reason = "bias of a layer whose weight is shared with an earlier layer"
-                else:
-                    reason = "bias of a layer whose weight is not in the optimizer"
-            for p in module.parameters(recurse=False):
-                if id(p) in entry and id(p) not in layer_block:
-                    reasons.setdefault(id(p), reason)
-        unknown = [
-            f"{name!r} {tuple(p.shape)}: {reasons.get(id(p), 'not a parameter of the model')}"
-            for name, p, _ in named_params
-            if id(p) not in layer_block
-        ]
-        if unknown and self.config.fallback == "error":
-            raise ValueError(
-                f"kfac has no Kronecker factors for {len(unknown)} parameter(s): {'; '.join(unknown)}. "
-                f"Pass fallback='momentum' to give them the plain momentum direction, or leave them out "
-                f"of the optimizer's params"
-            )
-        blocks: list[Block] = []
-        emitted: set[int] = set()
-        for name, p, gi in named_params:
-            block = layer_block.get(id(p))
-            if block is None:
-                reason = reasons.get(id(p), "not a parameter of the model")
-                blocks.append(fallback_block(name, p, gi, reason=reason, max_factor_dim=max_factor_dim))
-            elif id(block) not in emitted:
-                emitted.add(id(block))
-                blocks.append(block)
-        return blocks
-
-    def _layer_block(self, mname: str, module: nn.Module, entry: dict, max_factor_dim: int | None) -> Block:
-        weight, bias = module.weight, module.bias
-        wname, _, group = entry[id(weight)]
-        has_bias = bias is not None and id(bias) in entry and entry[id(bias)][2] == group
-        kind = "Conv2d, KFC patches" if isinstance(module, nn.Conv2d) else "Linear"
-        return layer_block(
-            mname or wname.rsplit(".", 1)[0], module, weight=weight, bias=bias if has_bias else None,
-            group=group, max_factor_dim=max_factor_dim,
-            rule=f"{kind}: G (out) x A (in{' + 1 homogeneous bias' if has_bias else ''})",
+        """One ``(out, in_flat [+ 1])`` block per known layer (weight and bias together even when
+        they sit in different param groups; a tied weight gets one block fed by every use),
+        fallback blocks for the rest (see :mod:`curvkit_kfac.planning`)."""
+        return plan_layers(
+            named_params, model=model, max_factor_dim=max_factor_dim, kinds=LAYER_KINDS, method="kfac",
+            fallback=self.config.fallback, fallback_option="fallback", tied="share",
         )
 
     # ------------------------------------------------------------------ statistics
@@ -212,36 +169,45 @@ class KFACEstimator(CurvatureEstimator):
         evidence: BlockEvidence,
         *,
         decay: float | None = None,
-    ) -> None:
+    ) -> bool | None:
         r"""Fold the recorded calls of the block's layer into ``A`` and ``G``.
 
         With :math:`n` examples, :math:`r` rows and scale :math:`c` (see the module docstring),
         :math:`\hat A = \frac1n \sum a a^\top` and :math:`\hat G = \frac{c^2}{r} \sum g g^\top`, then
         :math:`S \leftarrow \text{decay}\, S + (1 - \text{decay})\, \hat S` (``decay=None``: 0 on the
         first update, ``stat_decay`` after). Reads the output gradients of the ``"sampled"`` or
-        ``"minibatch"`` phase, as ``evidence`` says; a layer with no recorded gradient is left as
-        it is.
+        ``"minibatch"`` phase, as ``evidence`` says (every use of a tied weight contributes).
+
+        Returns:
+            ``False`` when the block's layer got no complete record (input and output gradient)
+            in this statistics step -- its forward never ran, ran under ``torch.no_grad``, was
+            bypassed (a layer whose owner calls its weight directly) or hooks did not fire (some
+            ``torch.compile`` graphs); the statistics are left as they are and the optimizer
+            counts the block's ``missing_evidence``. ``None`` otherwise.
         """
         if block.module is None:
-            return
+            return None
         if evidence.layer is None:
             raise RuntimeError("kfac needs layer records: build the optimizer with model=<your nn.Module>")
-        record = evidence.layer[block.module]
-        phase = "sampled" if self.config.evidence == "sampled" else "minibatch"
-        calls = [(a, g) for a, g in zip(record.inputs, record.grads(phase)) if g is not None]
-        if not calls:
-            return
         A, G = state["A"], state["G"]
         if A is None and G is None:  # both modes unfactored: nothing to estimate
-            return
+            return None
+        phase = "sampled" if self.config.evidence == "sampled" else "minibatch"
+        calls = []
+        for module in layer_modules(block):
+            record = evidence.layer.records.get(module)
+            if record is not None:
+                calls += [(module, a, g) for a, g in zip(record.inputs, record.grads(phase)) if g is not None]
+        if not calls:
+            return False
         dtype = (A if A is not None else G).dtype
-        scale = self._gradient_scale(evidence, calls[0][0])
+        scale = self._gradient_scale(evidence, calls[0][1])
         has_bias = len(block.params) == 2
         a_sum = None if A is None else torch.zeros_like(A)
         g_sum = None if G is None else torch.zeros_like(G)
         examples = rows = 0
-        for inputs, grad in calls:
-            r = layer_rows(block.module, inputs.to(dtype), grad.to(dtype))
+        for module, inputs, grad in calls:
+            r = layer_rows(module, inputs.to(dtype) if inputs.is_floating_point() else inputs, grad.to(dtype))
             examples += r.examples
             rows += r.gradients.shape[0]
             if a_sum is not None:
@@ -262,6 +228,7 @@ class KFACEstimator(CurvatureEstimator):
         if G is not None:
             G.mul_(decay).add_(g_sum, alpha=weight * scale * scale / rows)
         state["updates"] += 1
+        return None
 
     def _gradient_scale(self, evidence: BlockEvidence, first_input: Tensor) -> float:
         """``gradient_scale``, else the batch size the optimizer reports, else the layer's dim 0."""

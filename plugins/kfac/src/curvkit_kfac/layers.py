@@ -35,7 +35,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerRows", "SUPPORTED", "conv2d_patches", "layer_rows", "unsupported_reason"]
+from .planning import LayerKind
+
+__all__ = ["LAYER_KINDS", "LayerRows", "SUPPORTED", "conv2d_patches", "layer_rows", "unsupported_reason"]
 
 #: Layer types with Kronecker factors.
 SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -64,6 +66,19 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"Conv2d with groups={module.groups} (kfac factors groups=1 convolutions only)"
     return None
+
+
+def _grouped(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"Conv2d with groups={module.groups} (kfac factors groups=1 convolutions only)"
+    return None
+
+
+#: The layer kinds kfac plans (:func:`curvkit_kfac.planning.plan_layers`).
+LAYER_KINDS = (
+    LayerKind((nn.Linear,), "Linear"),
+    LayerKind((nn.Conv2d,), "Conv2d", detail=", KFC patches", unsupported=_grouped),
+)
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
