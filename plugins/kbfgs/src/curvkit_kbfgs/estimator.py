@@ -34,27 +34,36 @@ gradients, the authors' scale. The pair is double damped (:func:`~curvkit_kbfgs.
 :func:`~curvkit_kbfgs.bfgs.accept_pair` holds, and folded into :math:`H_g` by the dense BFGS update
 (``memory=None``: K-BFGS) or appended to the last ``memory`` pairs (K-BFGS(L)).
 
-**K-BFGS(L) and the preconditioner.** The core ``kronecker_mode`` preconditioner takes one matrix
-per mode, so the L-BFGS operator is materialised from its pairs whenever factors are requested
-(compact representation, :math:`O(m\, d_{out}^2)` flops and a transient
-:math:`d_{out} \times d_{out}` matrix per step; the stored state is :math:`O(m\, d_{out})`). For
-layers with very large ``out`` this costs what a dense :math:`H_g` costs; the two-loop recursion
-(:func:`~curvkit_kbfgs.bfgs.lbfgs_apply`) serves the damping's :math:`H y`.
+**K-BFGS(L) and the preconditioner.** The pairs live in a fixed-size memory (``memory`` rows of
+:math:`s` and :math:`y` plus a ``valid`` mask; a pair enters at the end and pushes the oldest
+out, under a device-side mask, :func:`~curvkit_kbfgs.bfgs.lbfgs_push`). :meth:`factors` hands
+:math:`H_g` to the core ``kronecker_mode`` preconditioner as an
+:class:`~curvkit_kbfgs.operator.LBFGSOperator`, applied to the ``(out, in + 1)`` buffer by the
+compact representation in two matrix products (:math:`4 m\, d_{out} (d_{in} + 1)` flops), never
+forming the :math:`d_{out} \times d_{out}` matrix; the damping's :math:`H y` uses the same operator.
 
 :math:`\lambda` is the optimizer's (per-group) ``damping``; the estimator reads it when factors are
 requested and keeps the last value for its after-step updates. Non-finite statistics heal
-themselves: a non-finite :math:`A` or :math:`H_a` restarts both (``A`` from the next batch, then
-one exact inversion), a non-finite :math:`H_g` (or pair memory) restarts from the identity. They
+themselves: a non-finite :math:`A` or :math:`H_a` restarts both (:math:`A = 0`, set by the next
+finite batch, and :math:`H_a = (0 + \sqrt\lambda I)^{-1}`, its exact damped inverse, which the BFGS
+pairs then carry to the new :math:`A`), a non-finite :math:`H_g` (or pair memory) restarts from the
+identity. Every skip and restart is a masked update decided on the device (``torch.where``), and
+the counters in ``state["counts"]`` are 0-d device tensors, so a steady-state step reads nothing
+on the host. They
 are detected from the vectors :math:`H_a \bar a`, :math:`A s_a` and :math:`H_g y` the updates
 compute anyway, without scanning the matrices.
 (The optimizer discards the closure's gradients at :math:`\theta_{t+1}`: ``p.grad`` keeps the
 step's gradient.) The closure must evaluate the same batch deterministically (no dropout
-sampling), or the pairs measure noise instead of curvature.
+sampling), or the pairs measure noise instead of curvature; the closure's forward also moves
+batch-norm running statistics a second time per step. The estimator warns once
+(:class:`curvkit.CurvkitWarning`) when the optimizer is built for a model that holds batch-norm or
+dropout modules in training mode.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -65,6 +74,7 @@ from curvkit import (
     Block, BlockEvidence, CurvatureEstimator, EvidenceSpec, Factor, LayerRecorder, PartConfig, Source, register,
     statistics_dtype,
 )
+from curvkit.safeguards import CurvkitWarning
 from curvkit.config import check_choice, check_in_unit_interval, check_nonnegative, check_positive_int
 
 from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update, double_damping, lbfgs_push
@@ -121,6 +131,20 @@ def damped_inverse(a: Tensor, shift: float) -> Tensor:
     return (0.5 * (inv + inv.T)).to(a.dtype)
 
 
+def stochastic_modules(model: nn.Module) -> list[str]:
+    """Names (``name (type)``) of the batch-norm and dropout modules of ``model`` in training
+    mode (dropout with ``p > 0``), which a second forward pass per step disturbs."""
+    out = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            out.append(f"{name or 'model'!r} ({type(module).__name__})")
+        elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            out.append(f"{name or 'model'!r} ({type(module).__name__})")
+    return out
+
+
 def _all_finite(*tensors: Tensor) -> Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
@@ -148,7 +172,24 @@ class KBFGSEstimator(CurvatureEstimator):
         max_factor_dim: int | None,
     ) -> list[Block]:
         """One ``(out, in [+ 1])`` block per Linear layer, weight and bias together across param
-        groups (see :mod:`curvkit_kbfgs.layers` and :mod:`curvkit_kfac.planning`)."""
+        groups (see :mod:`curvkit_kbfgs.layers` and :mod:`curvkit_kfac.planning`).
+
+        Warns (:class:`curvkit.CurvkitWarning`, once per estimator) when the model holds
+        batch-norm or dropout modules in training mode: the closure's second forward pass moves
+        batch-norm running statistics a second time per step and draws another dropout mask.
+        """
+        if model is not None and not getattr(self, "_warned_stochastic", False):
+            noisy = stochastic_modules(model)
+            if noisy:
+                self._warned_stochastic = True
+                warnings.warn(
+                    f"curvkit: K-BFGS re-evaluates the closure after every step, and the model holds "
+                    f"{', '.join(noisy[:4])}{' ...' if len(noisy) > 4 else ''} in training mode: batch-norm "
+                    f"running statistics move twice per step and dropout draws a second mask, so the "
+                    f"curvature pairs measure that noise too. Use model.eval() for those modules, or "
+                    f"momentum=None on batch norms / p=0 dropout, if that matters",
+                    CurvkitWarning, stacklevel=4,
+                )
         return plan_blocks(named_params, model=model, max_factor_dim=max_factor_dim,
                            unsupported=self.config.unsupported)
 
