@@ -79,11 +79,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1000, 128])
     ap.add_argument("--methods", nargs="+", default=["KFAC", "Shampoo", "KBFGS", "KBFGS_L"])
+    ap.add_argument("--warmup", type=int, default=21)
+    ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
     torch.set_num_threads(2)
     for b in args.batch:
         for m in args.methods:
-            print(f"{m:8s} batch {b:5d}: {time_method(m, b):8.1f} ms/step", flush=True)
+            ms = time_method(m, b, warmup=args.warmup, steps=args.steps)
+            print(f"{m:8s} batch {b:5d}: {ms:8.1f} ms/step", flush=True)
 
 
 if __name__ == "__main__":
