@@ -33,7 +33,7 @@ def test_block_plan_shows_kfac_and_fallback_blocks():
     opt = curvkit_kfac.KFAC(model)
     kinds = {b.name: b.kind for b in opt.blocks}
     assert kinds == {
-        "embed.weight": curvkit_kfac.FALLBACK_KIND,
+        "embed": "kronecker",
         "conv": "kronecker",
         "grouped.weight": curvkit_kfac.FALLBACK_KIND,
         "grouped.bias": curvkit_kfac.FALLBACK_KIND,
@@ -46,8 +46,8 @@ def test_block_plan_shows_kfac_and_fallback_blocks():
     assert by_name["conv"].shape == (2, 1 * 9 + 1) and by_name["head"].shape == (3, 68 + 1)
     assert all(not any(b.factored) for b in opt.blocks if b.kind != "kronecker")
     text = str(opt.block_plan())
-    assert "groups=2" in text and "LayerNorm is not a Linear or Conv2d layer" in text
-    assert "homogeneous bias" in text and text.count("fallback: momentum") == 6
+    assert "groups=2" in text and "LayerNorm is not a Linear, Conv2d or Embedding layer" in text
+    assert "homogeneous bias" in text and text.count("fallback: momentum") == 5
     # training runs, fallback blocks never get factors
     for _ in range(3):
         out = model(*_batch())
@@ -62,7 +62,7 @@ def test_block_plan_shows_kfac_and_fallback_blocks():
 
 
 def test_error_policy_names_the_parameter_and_the_fix():
-    with pytest.raises(ValueError, match=r"'embed.weight'.*fallback='momentum'"):
+    with pytest.raises(ValueError, match=r"'norm.weight'.*fallback='momentum'"):
         curvkit_kfac.KFAC(Mixed(), fallback="error")
     model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"groups=2"):

@@ -144,13 +144,25 @@ def test_tied_weight_statistics_come_from_every_use():
 
 
 def test_weight_tied_to_an_unfactored_module_falls_back():
-    emb = nn.Embedding(5, 4)
+    class Holder(nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x):
+            return x @ self.weight
+
     head = nn.Linear(4, 5, bias=False)
-    head.weight = emb.weight
-    model = nn.Sequential(emb, head)
+    model = nn.Sequential(head, Holder(head.weight))
     opt = curvkit_kfac.KFAC(model)
     assert [b.kind for b in opt.blocks] == [curvkit_kfac.FALLBACK_KIND]
-    assert "also used by '0'" in str(opt.block_plan())
+    assert "also used by '1'" in str(opt.block_plan())
+    emb = nn.Embedding(5, 4)  # the usual tied language-model head: two kinds of layer
+    head = nn.Linear(4, 5, bias=False)
+    head.weight = emb.weight
+    opt = curvkit_kfac.KFAC(nn.Sequential(emb, head))
+    assert [b.kind for b in opt.blocks] == [curvkit_kfac.FALLBACK_KIND]
+    assert "different kinds" in str(opt.block_plan())
 
 
 def test_no_weight_decay_on_biases_keeps_every_layer_block():
@@ -160,3 +172,38 @@ def test_no_weight_decay_on_biases_keeps_every_layer_block():
     opt = curvkit_kfac.KFAC([{"params": decay, "weight_decay": 1e-2}, {"params": no_decay, "weight_decay": 0.0}],
                             model=model)
     assert [(b.kind, b.shape, b.group) for b in opt.blocks] == [("kronecker", (4, 4), 0), ("kronecker", (2, 5), 0)]
+
+
+def test_embedding_factors_match_brute_force():
+    emb = nn.Embedding(6, 3).double()
+    head = nn.Linear(3, 2).double()
+    model = nn.Sequential(emb, nn.Tanh(), head)
+    ids = torch.tensor([[0, 2, 2], [5, 0, 2]])
+    targets = torch.randn(2, 3, 2, dtype=torch.float64)
+    opt = curvkit_kfac.KFAC(model)
+    block = opt.blocks[0]
+    assert block.name == "0" and block.shape == (6, 3) and block.kind == "kronecker"
+    assert "Embedding: A = diag(counts) (vocabulary) x G (dim)" in str(opt.block_plan())
+    out = model(ids)
+    assert opt.update_curvature(out, loss=deterministic_loss(targets))
+    state = opt.block_state(block)["estimator"]
+    # reference: every token position is an example; one-hot inputs, per-example output gradients
+    rows = ids.reshape(-1)
+    onehot = torch.eye(6, dtype=torch.float64)[rows]
+    A_ref = onehot.T @ onehot / rows.numel()
+    grads = []
+    for n in range(ids.shape[0]):
+        e = emb(ids[n : n + 1]).detach().requires_grad_(True)
+        o = head(torch.tanh(e))
+        (g,) = torch.autograd.grad((torch.sin(o) * targets[n : n + 1]).sum(), e)
+        grads.append(g.reshape(-1, 3))
+    g = torch.cat(grads)
+    G_ref = g.T @ g / rows.numel()
+    factors = opt.estimator.factors(block, state, damping=0.3)
+    torch.testing.assert_close(factors[0].matrix, A_ref, **TOL)
+    torch.testing.assert_close(factors[1].matrix, G_ref, **TOL)
+    loss = deterministic_loss(targets)(out)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()  # the direction uses the (vocabulary, dim) factors
+    assert all(torch.isfinite(p).all() for p in model.parameters())

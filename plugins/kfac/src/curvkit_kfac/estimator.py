@@ -26,6 +26,11 @@ the split is :math:`A + \pi\sqrt\lambda I`, :math:`G + \sqrt\lambda/\pi\, I` wit
 :math:`A`, so the core ``kronecker_mode`` preconditioner with a power-1 inverter forms the KFAC
 direction :math:`(G + d_G I)^{-1} M (A + d_A I)^{-1}` on the momentum buffer :math:`M`.
 
+``nn.Embedding`` layers are factored too: the input of a row is the one-hot vector of its token,
+so :math:`A = \mathrm{diag}(\text{token counts}) / m` (kept as its diagonal) sits on the
+vocabulary mode (mode 0 of the ``(num_embeddings, dim)`` weight) and :math:`G` on the ``dim``
+mode; a vocabulary larger than ``max_factor_dim`` is left unfactored.
+
 The block plan is :func:`curvkit_kfac.planning.plan_layers` (shared with ``kbfgs``): a layer's
 weight and bias form one block even when they sit in different param groups, a weight tied
 across several layers gets one block whose statistics come from every use, and
@@ -140,6 +145,13 @@ class KFACEstimator(CurvatureEstimator):
             return {"updates": 0}
         ref = block.params[0]
         dtype = statistics_dtype(ref.dtype)
+        if _is_embedding(block):  # view (vocabulary, dim): A = diag(counts) on mode 0, G on mode 1
+            (vocab, dim), (f_vocab, f_dim) = block.shape, block.factored
+            return {
+                "A": torch.zeros(vocab, dtype=dtype, device=ref.device) if f_vocab else None,
+                "G": torch.zeros(dim, dim, dtype=dtype, device=ref.device) if f_dim else None,
+                "updates": 0,
+            }
         (d_out, d_in), (f_out, f_in) = block.shape, block.factored
         return {
             "A": torch.zeros(d_in, d_in, dtype=dtype, device=ref.device) if f_in else None,
@@ -153,11 +165,15 @@ class KFACEstimator(CurvatureEstimator):
             if "updates" not in state:
                 raise ValueError(f"block {block.name!r}: saved state is not a kfac fallback state")
             return
-        for key, d, f in (("G", block.shape[0], block.factored[0]), ("A", block.shape[1], block.factored[1])):
+        if _is_embedding(block):
+            modes = (("A", block.shape[0], block.factored[0], 1), ("G", block.shape[1], block.factored[1], 2))
+        else:
+            modes = (("G", block.shape[0], block.factored[0], 2), ("A", block.shape[1], block.factored[1], 2))
+        for key, d, f, rank in modes:
             if key not in state:
                 raise ValueError(f"block {block.name!r}: saved state has no kfac factor {key!r}")
             s = state[key]
-            if (s is None) == f or (s is not None and tuple(s.shape) != (d, d)):
+            if (s is None) == f or (s is not None and tuple(s.shape) != (d,) * rank):
                 got = None if s is None else tuple(s.shape)
                 raise ValueError(f"block {block.name!r}: saved factor {key} of shape {got} does not fit size {d}")
 
@@ -202,6 +218,9 @@ class KFACEstimator(CurvatureEstimator):
             return False
         dtype = (A if A is not None else G).dtype
         scale = self._gradient_scale(evidence, calls[0][1])
+        if _is_embedding(block):
+            self._update_embedding(state, calls, dtype, scale, decay)
+            return None
         has_bias = len(block.params) == 2
         a_sum = None if A is None else torch.zeros_like(A)
         g_sum = None if G is None else torch.zeros_like(G)
@@ -230,6 +249,32 @@ class KFACEstimator(CurvatureEstimator):
         state["updates"] += 1
         return None
 
+    def _update_embedding(self, state: dict[str, Any], calls: list, dtype: torch.dtype, scale: float,
+                          decay: float | None) -> None:
+        r"""``nn.Embedding``: the input of a row is the one-hot vector of its token, so
+        :math:`\hat A = \frac1n \sum e_t e_t^\top = \mathrm{diag}(\text{counts}) / n` (kept as its
+        diagonal) and :math:`\hat G = \frac{c^2}{n} \sum g g^\top` over the ``dim`` outputs."""
+        A, G = state["A"], state["G"]
+        counts = None if A is None else torch.zeros_like(A)
+        g_sum = None if G is None else torch.zeros_like(G)
+        rows = 0
+        for _, ids, grad in calls:
+            ids = ids.reshape(-1)
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            rows += ids.shape[0]
+            if counts is not None:
+                counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=dtype, device=ids.device))
+            if g_sum is not None:
+                g_sum.addmm_(g.T, g)
+        if decay is None:
+            decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
+        weight = 1.0 - decay
+        if A is not None:
+            A.mul_(decay).add_(counts, alpha=weight / rows)
+        if G is not None:
+            G.mul_(decay).add_(g_sum, alpha=weight * scale * scale / rows)
+        state["updates"] += 1
+
     def _gradient_scale(self, evidence: BlockEvidence, first_input: Tensor) -> float:
         """``gradient_scale``, else the batch size the optimizer reports, else the layer's dim 0."""
         if self.config.gradient_scale is not None:
@@ -244,14 +289,29 @@ class KFACEstimator(CurvatureEstimator):
         if block.module is None or state["updates"] == 0:
             return None
         A, G = state["A"], state["G"]
+        if _is_embedding(block):  # modes (vocabulary, dim): the diagonal A first
+            A = None if A is None else torch.diag(A)
+            if A is None or G is None:
+                return [None if A is None else Factor(A, damping), None if G is None else Factor(G, damping)]
+            g_factor, a_factor = self._split(A, G, damping)
+            return [a_factor, g_factor]
         if A is None or G is None:
             return [None if G is None else Factor(G, damping), None if A is None else Factor(A, damping)]
+        g_factor, a_factor = self._split(A, G, damping)
+        return [g_factor, a_factor]
+
+    def _split(self, A: Tensor, G: Tensor, damping: float) -> tuple[Factor, Factor]:
+        """``(Factor(G, d_G), Factor(A, d_A))`` with the damping split (module docstring)."""
         root = math.sqrt(damping)
         if not self.config.pi_damping:
-            return [Factor(G, root), Factor(A, root)]
+            return Factor(G, root), Factor(A, root)
         mean_a = torch.trace(A) / A.shape[0]
         mean_g = torch.trace(G) / G.shape[0]
         usable = (mean_a > 0) & (mean_g > 0)
         tiny = torch.finfo(A.dtype).tiny
         pi = torch.where(usable, torch.sqrt(mean_a.clamp_min(tiny) / mean_g.clamp_min(tiny)), torch.ones_like(mean_a))
-        return [Factor(G, root / pi), Factor(A, root * pi)]
+        return Factor(G, root / pi), Factor(A, root * pi)
+
+
+def _is_embedding(block: Block) -> bool:
+    return isinstance(block.module, nn.Embedding)

@@ -43,6 +43,7 @@ class LayerKind:
         types: the module classes.
         label: a short name for the block plan (``"Linear"``).
         detail: appended to the label in the block plan's rule (``", KFC patches"``).
+        axes: names of the view's two modes in the block plan (``("out", "in")``).
         factors: the factor names of the ``out`` and ``in`` modes (``("G", "A")``).
         unsupported: optional check ``module -> reason or None`` for instances the method refuses
             (grouped convolutions).
@@ -52,6 +53,7 @@ class LayerKind:
     label: str
     factors: tuple[str, str] = ("G", "A")
     detail: str = ""
+    axes: tuple[str, str] = ("out", "in")
     unsupported: Callable[[nn.Module], str | None] | None = None
 
 
@@ -116,7 +118,8 @@ def plan_layers(
         raise ValueError(f"tied must be 'share' or 'fallback', got {tied!r}")
     entry = {id(p): (name, p, gi) for name, p, gi in named_params}
     in_mha = _mha_children(model)
-    supported_label = " or ".join(k.label for k in kinds)
+    labels = [k.label for k in kinds]
+    supported_label = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
 
     # which supported modules use each weight
     uses: dict[int, list[tuple[str, nn.Module, LayerKind]]] = {}
@@ -172,6 +175,9 @@ def plan_layers(
             if tied == "fallback":
                 reasons[wid] = f"weight shared by several layers ({names})"
                 continue
+            if len({id(k) for _, _, k in users}) > 1:
+                reasons[wid] = f"weight tied across layers of different kinds ({names})"
+                continue
             block = _shared_block(users, entry, max_factor_dim)
         for p in block.params:
             layer_of[id(p)] = block
@@ -202,7 +208,8 @@ def plan_layers(
 
 def _rule(kind: LayerKind, has_bias: bool, bias_group: int | None, group: int) -> str:
     g, a = kind.factors
-    rule = f"{kind.label}{kind.detail}: {g} (out) x {a} (in{' + 1 homogeneous bias' if has_bias else ''})"
+    out, inp = kind.axes
+    rule = f"{kind.label}{kind.detail}: {g} ({out}) x {a} ({inp}{' + 1 homogeneous bias' if has_bias else ''})"
     if has_bias and bias_group is not None and bias_group != group:
         rule += f", bias from param group {bias_group}"
     return rule
