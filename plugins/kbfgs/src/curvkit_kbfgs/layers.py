@@ -25,16 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import FALLBACK_MOMENTUM, Block, HomogeneousLayout, LayerRecorder
-from curvkit_kfac.planning import LayerKind, plan_layers
 
-__all__ = ["FALLBACK_KIND", "LAYER_KINDS", "LayerMeans", "layer_means", "layer_inputs", "plan_blocks"]
+__all__ = ["FALLBACK_KIND", "LayerMeans", "layer_means", "layer_inputs", "plan_blocks"]
 
 #: ``Block.kind`` of the parameters that take the plain momentum direction.
 FALLBACK_KIND = FALLBACK_MOMENTUM
-
-
-#: The layer kind K-BFGS factors (:func:`curvkit_kfac.planning.plan_layers`).
-LAYER_KINDS = (LayerKind((nn.Linear,), "Linear", factors=("H_g", "H_a")),)
 
 
 def plan_blocks(
@@ -51,8 +46,13 @@ def plan_blocks(
     weight shared by several layers takes the fallback (the pre-activation pairs of K-BFGS are
     defined per layer).
     """
+    # imported here, not at module import: importing curvkit_kfac registers kfac's parts, which
+    # must happen while the registry loads kfac's own entry point (so it names the right package)
+    from curvkit_kfac.planning import LayerKind, plan_layers
+    
+    kinds = (LayerKind((nn.Linear,), "Linear", factors=("H_g", "H_a")),)
     return plan_layers(
-        named_params, model=model, max_factor_dim=max_factor_dim, kinds=LAYER_KINDS, method="kbfgs",
+        named_params, model=model, max_factor_dim=max_factor_dim, kinds=kinds, method="kbfgs",
         fallback=unsupported, fallback_option="unsupported", tied="fallback",
     )
 
