@@ -136,7 +136,7 @@ class LayerRecorder:
         modules: the layers to watch.
         root: the model; its forward pre-hook clears the records each forward pass. Without a
             root, records are cleared by :meth:`clear` only.
-        keep_outputs: also keep the (detached) layer outputs in :attr:`LayerRecord.outputs`
+        keep_outputs: also keep the (detached) layer outputs in ``LayerRecord.outputs``
             (K-BFGS needs the mean pre-activations; ``EvidenceSpec.layer_outputs``). Off by
             default: a recorder keeps no output an estimator does not read.
     """

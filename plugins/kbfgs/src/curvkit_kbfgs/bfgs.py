@@ -54,6 +54,7 @@ __all__ = [
     "double_damping",
     "lbfgs_apply",
     "lbfgs_matrix",
+    "lbfgs_push",
 ]
 
 #: The forms of the Levenberg-Marquardt part of :func:`double_damping`.
