@@ -46,3 +46,26 @@ def test_attention_is_refused_by_name():
 
     with pytest.raises(ValueError, match=r"attn\.out_proj\.weight.*MultiheadAttention.*unsupported='fallback'"):
         KBFGS(Attn(), unsupported="error")
+
+
+def test_update_reports_a_layer_that_got_no_records():
+    from curvkit import BlockEvidence, LayerRecorder
+    from curvkit_kbfgs import KBFGSEstimator
+
+    class Bypass(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 3)
+            self.bypassed = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return nn.functional.linear(torch.tanh(self.used(x)), self.bypassed.weight, self.bypassed.bias)
+
+    model = Bypass()
+    est = KBFGSEstimator()
+    blocks = est.plan([(n, p, 0) for n, p in model.named_parameters()], model=model, max_factor_dim=None)
+    rec = LayerRecorder([b.module for b in blocks], root=model, keep_outputs=True)
+    model(torch.randn(5, 4)).sum().backward()
+    results = {b.name: est.update(b, est.init_state(b), BlockEvidence(gradients=[None, None], layer=rec))
+               for b in blocks}
+    assert results == {"used": None, "bypassed": False}

@@ -247,13 +247,18 @@ class KBFGSEstimator(CurvatureEstimator):
     # ------------------------------------------------------------------ statistics
     def update(
         self, block: Block, state: dict[str, Any], evidence: BlockEvidence, *, decay: float | None = None
-    ) -> None:
-        """Fold the step's mean :math:`\\overline{a a^\\top}` into ``A`` (no host sync)."""
+    ) -> bool | None:
+        """Fold the step's mean :math:`\\overline{a a^\\top}` into ``A`` (no host sync).
+
+        Returns ``False`` when the block's layer recorded no input in this statistics step (its
+        forward never ran with gradients enabled, was bypassed, or hooks did not fire), so the
+        optimizer can count the block's missing evidence; ``None`` otherwise.
+        """
         if block.kind == FALLBACK_KIND or state["A"] is None:
-            return
+            return None
         a = layer_inputs(evidence.layer, block, state["A"].dtype)
         if a is None:
-            return
+            return False
         batch = a.T @ a / a.shape[0]
         if decay is None:
             decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
@@ -269,6 +274,7 @@ class KBFGSEstimator(CurvatureEstimator):
         state["A"] = torch.where(finite, new, old)
         state["fresh"] = state["fresh"] & ~finite
         state["updates"] += 1
+        return None
 
     def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
         """``[H_g, H_a]`` as already-damped inverses (``Factor.damping = 0``); the first call
