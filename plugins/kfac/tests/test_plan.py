@@ -33,7 +33,7 @@ def test_block_plan_shows_kfac_and_fallback_blocks():
     opt = curvkit_kfac.KFAC(model)
     kinds = {b.name: b.kind for b in opt.blocks}
     assert kinds == {
-        "embed.weight": curvkit_kfac.FALLBACK_KIND,
+        "embed": "kronecker",
         "conv": "kronecker",
         "grouped.weight": curvkit_kfac.FALLBACK_KIND,
         "grouped.bias": curvkit_kfac.FALLBACK_KIND,
@@ -46,8 +46,8 @@ def test_block_plan_shows_kfac_and_fallback_blocks():
     assert by_name["conv"].shape == (2, 1 * 9 + 1) and by_name["head"].shape == (3, 68 + 1)
     assert all(not any(b.factored) for b in opt.blocks if b.kind != "kronecker")
     text = str(opt.block_plan())
-    assert "groups=2" in text and "LayerNorm is not a Linear or Conv2d layer" in text
-    assert "homogeneous bias" in text and text.count("fallback: momentum") == 6
+    assert "groups=2" in text and "LayerNorm is not a Linear, Conv2d or Embedding layer" in text
+    assert "homogeneous bias" in text and text.count("fallback: momentum") == 5
     # training runs, fallback blocks never get factors
     for _ in range(3):
         out = model(*_batch())
@@ -62,7 +62,7 @@ def test_block_plan_shows_kfac_and_fallback_blocks():
 
 
 def test_error_policy_names_the_parameter_and_the_fix():
-    with pytest.raises(ValueError, match=r"'embed.weight'.*fallback='momentum'"):
+    with pytest.raises(ValueError, match=r"'norm.weight'.*fallback='momentum'"):
         curvkit_kfac.KFAC(Mixed(), fallback="error")
     model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"groups=2"):
@@ -77,19 +77,22 @@ def test_bias_outside_the_optimizer_or_in_another_group():
     assert [(b.name, b.shape, b.kind) for b in opt.blocks] == [("0", (4, 3), "kronecker"), ("1", (2, 5), "kronecker")]
     groups = [{"params": [model[0].weight, model[1].weight, model[1].bias]}, {"params": [model[0].bias], "lr": 0.1}]
     opt = curvkit_kfac.KFAC(groups, model=model)
-    plan = {b.name: (b.kind, b.group) for b in opt.blocks}
-    assert plan == {"0": ("kronecker", 0), "1": ("kronecker", 0), "0.bias": (curvkit_kfac.FALLBACK_KIND, 1)}
-    assert "another param group" in str(opt.block_plan())
+    # the usual "no weight decay on biases" split keeps the layer block; its schedule is the weight's
+    plan = {b.name: (b.kind, b.group, b.shape) for b in opt.blocks}
+    assert plan == {"0": ("kronecker", 0, (4, 4)), "1": ("kronecker", 0, (2, 5))}
+    assert "bias from param group 1" in str(opt.block_plan())
 
 
-def test_tied_weights_are_factored_by_their_first_layer_only():
+def test_tied_weights_get_one_block_fed_by_every_use():
     first, second = nn.Linear(3, 3), nn.Linear(3, 3)
     second.weight = first.weight
     model = nn.Sequential(first, nn.Tanh(), second)
     opt = curvkit_kfac.KFAC(model)
     kinds = {b.name: b.kind for b in opt.blocks}
-    assert kinds == {"0": "kronecker", "2.bias": curvkit_kfac.FALLBACK_KIND}
-    assert "shared with an earlier layer" in str(opt.block_plan())
+    assert kinds == {"0.weight": "kronecker", "0.bias": curvkit_kfac.FALLBACK_KIND, "2.bias": curvkit_kfac.FALLBACK_KIND}
+    (tied,) = [b for b in opt.blocks if b.kind == "kronecker"]
+    assert curvkit_kfac.planning.layer_modules(tied) == (first, second)
+    assert "tied: statistics from 2 layers" in str(opt.block_plan())
 
 
 def test_kfac_needs_the_model():

@@ -51,14 +51,15 @@ def test_defaults_are_the_tnt_authors_settings():
     assert (group["curvature_every"], group["invert_every"]) == (1, 20)
     assert opt.estimator.config.stat_decay == 0.9 and opt.estimator.config.accumulate == "ema"
     assert opt.preconditioner.name == "kronecker_mode"  # no grafting by default
-    assert opt.inverter.name == "coupled_newton" and opt.inverter.config.power == "1/2k"
+    # root solver by device: one eigh per factor on CPU (coupled Newton on CUDA, test_registry.py)
+    assert opt.inverter.name == "damped_eigen" and opt.inverter.config.power == "1/2k"
 
 
 def test_model_names_the_blocks_and_compose_by_name_is_the_same_optimizer():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     opt = Shampoo(model.parameters(), model=model)
     assert [b.name for b in opt.blocks] == ["0.weight", "0.bias"]
-    composed = curvkit.compose(model.parameters(), estimator="shampoo", inverter="coupled_newton",
+    composed = curvkit.compose(model.parameters(), estimator="shampoo", inverter="damped_eigen",
                                inverter_options={"power": "1/2k"}, lr=3e-4, damping=3e-4)
     from curvkit.engine.checkpoint import metadata
 

@@ -69,3 +69,20 @@ def test_coupled_newton_serves_other_compositions():
 def test_invalid_options_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
         curvkit_shampoo.Shampoo([torch.nn.Parameter(torch.zeros(2, 2))], **options)
+
+
+def test_root_solver_follows_the_device():
+    import curvkit_shampoo
+
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = curvkit_shampoo.Shampoo([w])
+    assert opt.inverter.name == "damped_eigen"  # CPU: one eigh per factor
+    opt = curvkit_shampoo.Shampoo(iter([{"params": iter([w])}]))  # generators are read once
+    assert opt.inverter.name == "damped_eigen" and opt.param_groups[0]["params"] == [w]
+    opt = curvkit_shampoo.Shampoo([w], root_solver="coupled_newton")
+    assert opt.inverter.name == "coupled_newton" and opt.inverter.config.float64 is False
+    assert curvkit_shampoo.Shampoo([w], root_solver="coupled_newton", root_float64=True).inverter.config.float64
+    if torch.cuda.is_available():
+        assert curvkit_shampoo.Shampoo([torch.nn.Parameter(w.detach().cuda())]).inverter.name == "coupled_newton"
+    with pytest.raises(ValueError, match="root_float64"):
+        curvkit_shampoo.Shampoo([w], root_float64="yes")

@@ -54,6 +54,7 @@ __all__ = [
     "double_damping",
     "lbfgs_apply",
     "lbfgs_matrix",
+    "lbfgs_push",
 ]
 
 #: The forms of the Levenberg-Marquardt part of :func:`double_damping`.
@@ -152,3 +153,22 @@ def lbfgs_matrix(s_rows: Tensor, y_rows: Tensor) -> Tensor:
     zy = z.T @ y_rows
     h = eye + z.T @ middle @ z - zy - zy.T
     return 0.5 * (h + h.T)
+
+
+def lbfgs_push(
+    s_rows: Tensor, y_rows: Tensor, valid: Tensor, s: Tensor, y: Tensor, accept: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Append the pair ``(s, y)`` to a fixed-size pair memory when ``accept`` (a 0-d bool tensor)
+    holds, dropping the oldest pair; otherwise return the memory unchanged. No host sync.
+
+    The memory is ``s_rows, y_rows`` of shape ``(m, d)``, oldest first, with ``valid`` ``(m,)``
+    marking the rows that hold pairs (always a suffix: pairs enter at the end).
+    """
+    s_new = torch.cat([s_rows[1:], s[None]])
+    y_new = torch.cat([y_rows[1:], y[None]])
+    v_new = torch.cat([valid[1:], valid.new_ones(1)])
+    return (
+        torch.where(accept, s_new, s_rows),
+        torch.where(accept, y_new, y_rows),
+        torch.where(accept, v_new, valid),
+    )

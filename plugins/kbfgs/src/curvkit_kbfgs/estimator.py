@@ -34,27 +34,36 @@ gradients, the authors' scale. The pair is double damped (:func:`~curvkit_kbfgs.
 :func:`~curvkit_kbfgs.bfgs.accept_pair` holds, and folded into :math:`H_g` by the dense BFGS update
 (``memory=None``: K-BFGS) or appended to the last ``memory`` pairs (K-BFGS(L)).
 
-**K-BFGS(L) and the preconditioner.** The core ``kronecker_mode`` preconditioner takes one matrix
-per mode, so the L-BFGS operator is materialised from its pairs whenever factors are requested
-(compact representation, :math:`O(m\, d_{out}^2)` flops and a transient
-:math:`d_{out} \times d_{out}` matrix per step; the stored state is :math:`O(m\, d_{out})`). For
-layers with very large ``out`` this costs what a dense :math:`H_g` costs; the two-loop recursion
-(:func:`~curvkit_kbfgs.bfgs.lbfgs_apply`) serves the damping's :math:`H y`.
+**K-BFGS(L) and the preconditioner.** The pairs live in a fixed-size memory (``memory`` rows of
+:math:`s` and :math:`y` plus a ``valid`` mask; a pair enters at the end and pushes the oldest
+out, under a device-side mask, :func:`~curvkit_kbfgs.bfgs.lbfgs_push`). :meth:`factors` hands
+:math:`H_g` to the core ``kronecker_mode`` preconditioner as an
+:class:`~curvkit_kbfgs.operator.LBFGSOperator`, applied to the ``(out, in + 1)`` buffer by the
+compact representation in two matrix products (:math:`4 m\, d_{out} (d_{in} + 1)` flops), never
+forming the :math:`d_{out} \times d_{out}` matrix; the damping's :math:`H y` uses the same operator.
 
 :math:`\lambda` is the optimizer's (per-group) ``damping``; the estimator reads it when factors are
 requested and keeps the last value for its after-step updates. Non-finite statistics heal
-themselves: a non-finite :math:`A` or :math:`H_a` restarts both (``A`` from the next batch, then
-one exact inversion), a non-finite :math:`H_g` (or pair memory) restarts from the identity. They
+themselves: a non-finite :math:`A` or :math:`H_a` restarts both (:math:`A = 0`, set by the next
+finite batch, and :math:`H_a = (0 + \sqrt\lambda I)^{-1}`, its exact damped inverse, which the BFGS
+pairs then carry to the new :math:`A`), a non-finite :math:`H_g` (or pair memory) restarts from the
+identity. Every skip and restart is a masked update decided on the device (``torch.where``), and
+the counters in ``state["counts"]`` are 0-d device tensors, so a steady-state step reads nothing
+on the host. They
 are detected from the vectors :math:`H_a \bar a`, :math:`A s_a` and :math:`H_g y` the updates
 compute anyway, without scanning the matrices.
 (The optimizer discards the closure's gradients at :math:`\theta_{t+1}`: ``p.grad`` keeps the
 step's gradient.) The closure must evaluate the same batch deterministically (no dropout
-sampling), or the pairs measure noise instead of curvature.
+sampling), or the pairs measure noise instead of curvature; the closure's forward also moves
+batch-norm running statistics a second time per step. The estimator warns once
+(:class:`curvkit.CurvkitWarning`) when the optimizer is built for a model that holds batch-norm or
+dropout modules in training mode.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -65,10 +74,12 @@ from curvkit import (
     Block, BlockEvidence, CurvatureEstimator, EvidenceSpec, Factor, LayerRecorder, PartConfig, Source, register,
     statistics_dtype,
 )
+from curvkit.safeguards import CurvkitWarning
 from curvkit.config import check_choice, check_in_unit_interval, check_nonnegative, check_positive_int
 
-from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update, double_damping, lbfgs_apply, lbfgs_matrix
+from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update, double_damping, lbfgs_push
 from .layers import FALLBACK_KIND, LayerMeans, layer_inputs, layer_means, plan_blocks
+from .operator import LBFGSOperator
 
 __all__ = ["KBFGSConfig", "KBFGSEstimator", "damped_inverse"]
 
@@ -120,6 +131,20 @@ def damped_inverse(a: Tensor, shift: float) -> Tensor:
     return (0.5 * (inv + inv.T)).to(a.dtype)
 
 
+def stochastic_modules(model: nn.Module) -> list[str]:
+    """Names (``name (type)``) of the batch-norm and dropout modules of ``model`` in training
+    mode (dropout with ``p > 0``), which a second forward pass per step disturbs."""
+    out = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            out.append(f"{name or 'model'!r} ({type(module).__name__})")
+        elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            out.append(f"{name or 'model'!r} ({type(module).__name__})")
+    return out
+
+
 def _all_finite(*tensors: Tensor) -> Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
@@ -148,7 +173,25 @@ class KBFGSEstimator(CurvatureEstimator):
         model: nn.Module | None,
         max_factor_dim: int | None,
     ) -> list[Block]:
-        """One ``(out, in [+ 1])`` block per Linear layer (see :mod:`curvkit_kbfgs.layers`)."""
+        """One ``(out, in [+ 1])`` block per Linear layer, weight and bias together across param
+        groups (see :mod:`curvkit_kbfgs.layers` and :mod:`curvkit_kfac.planning`).
+
+        Warns (:class:`curvkit.CurvkitWarning`, once per estimator) when the model holds
+        batch-norm or dropout modules in training mode: the closure's second forward pass moves
+        batch-norm running statistics a second time per step and draws another dropout mask.
+        """
+        if model is not None and not getattr(self, "_warned_stochastic", False):
+            noisy = stochastic_modules(model)
+            if noisy:
+                self._warned_stochastic = True
+                warnings.warn(
+                    f"curvkit: K-BFGS re-evaluates the closure after every step, and the model holds "
+                    f"{', '.join(noisy[:4])}{' ...' if len(noisy) > 4 else ''} in training mode: batch-norm "
+                    f"running statistics move twice per step and dropout draws a second mask, so the "
+                    f"curvature pairs measure that noise too. Use model.eval() for those modules, or "
+                    f"momentum=None on batch norms / p=0 dropout, if that matters",
+                    CurvkitWarning, stacklevel=4,
+                )
         return plan_blocks(named_params, model=model, max_factor_dim=max_factor_dim,
                            unsupported=self.config.unsupported)
 
@@ -165,13 +208,17 @@ class KBFGSEstimator(CurvatureEstimator):
             "A": zeros(d_in, d_in) if f_in else None,
             "Ha": None,
             "updates": 0,
+            "fresh": torch.zeros((), dtype=torch.bool, device=device),
             "Hg": torch.eye(d_out, dtype=dtype, device=device) if f_out and dense else None,
-            "S": zeros(0, d_out) if f_out and not dense else None,
-            "Y": zeros(0, d_out) if f_out and not dense else None,
+            "S": zeros(self.config.memory, d_out) if f_out and not dense else None,
+            "Y": zeros(self.config.memory, d_out) if f_out and not dense else None,
+            "valid": torch.zeros(self.config.memory, dtype=torch.bool, device=device) if f_out and not dense else None,
             "s_avg": zeros(d_out) if f_out else None,
             "y_avg": zeros(d_out) if f_out else None,
             "damping": None,
-            "counts": {"a_pairs": 0, "a_skipped": 0, "g_pairs": 0, "g_skipped": 0, "resets": 0},
+            # device counters (0-d int64 tensors): no host read to count a skip or a reset
+            "counts": {k: torch.zeros((), dtype=torch.int64, device=device)
+                       for k in ("a_pairs", "a_skipped", "g_pairs", "g_skipped", "resets")},
         }
 
     def check_state(self, block: Block, state: dict[str, Any]) -> None:
@@ -193,32 +240,43 @@ class KBFGSEstimator(CurvatureEstimator):
                 raise ValueError(f"block {block.name!r}: saved {key} of shape {tuple(got.shape)} does not fit this "
                                  f"block (expected {shape if allowed else 'none'}; this estimator has "
                                  f"memory={self.config.memory})")
-        for key in ("S", "Y"):
+        for key in ("S", "Y", "valid"):
             got, want = state[key], expected[key]
-            if (got is None) != (want is None) or (
-                got is not None and (got.dim() != 2 or got.shape[1] != d_out or got.shape[0] > self.config.memory)
-            ):
+            if (got is None) != (want is None) or (got is not None and tuple(got.shape) != tuple(want.shape)):
                 raise ValueError(f"block {block.name!r}: saved L-BFGS pairs {key} do not fit this block "
                                  f"(memory={self.config.memory}, out={d_out})")
 
     # ------------------------------------------------------------------ statistics
     def update(
         self, block: Block, state: dict[str, Any], evidence: BlockEvidence, *, decay: float | None = None
-    ) -> None:
-        """Fold the step's mean :math:`\\overline{a a^\\top}` into ``A`` (no host sync)."""
+    ) -> bool | None:
+        """Fold the step's mean :math:`\\overline{a a^\\top}` into ``A`` (no host sync).
+
+        Returns ``False`` when the block's layer recorded no input in this statistics step (its
+        forward never ran with gradients enabled, was bypassed, or hooks did not fire), so the
+        optimizer can count the block's missing evidence; ``None`` otherwise.
+        """
         if block.kind == FALLBACK_KIND or state["A"] is None:
-            return
+            return None
         a = layer_inputs(evidence.layer, block, state["A"].dtype)
         if a is None:
-            return
+            return False
         batch = a.T @ a / a.shape[0]
         if decay is None:
             decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
         old = state["A"]
-        new = batch if decay == 0.0 else decay * old + (1.0 - decay) * batch
+        if decay == 0.0:
+            new = batch
+        else:  # after a restart (``fresh``) the next finite batch sets A
+            keep = torch.where(state["fresh"], torch.zeros((), dtype=old.dtype, device=old.device),
+                               torch.full((), decay, dtype=old.dtype, device=old.device))
+            new = keep * old + (1.0 - keep) * batch
         # a non-finite entry of a (or an overflow) always shows on the diagonal of a^T a
-        state["A"] = torch.where(torch.isfinite(batch.diagonal()).all(), new, old)
+        finite = torch.isfinite(batch.diagonal()).all()
+        state["A"] = torch.where(finite, new, old)
+        state["fresh"] = state["fresh"] & ~finite
         state["updates"] += 1
+        return None
 
     def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
         """``[H_g, H_a]`` as already-damped inverses (``Factor.damping = 0``); the first call
@@ -233,7 +291,7 @@ class KBFGSEstimator(CurvatureEstimator):
             state["Ha"] = damped_inverse(state["A"], math.sqrt(damping))
         h_g = None
         if f_out:
-            h_g = state["Hg"] if self.config.memory is None else lbfgs_matrix(state["S"], state["Y"])
+            h_g = state["Hg"] if self.config.memory is None else LBFGSOperator(state["S"], state["Y"], state["valid"])
         return [
             Factor(h_g, 0.0) if h_g is not None else None,
             Factor(state["Ha"], 0.0) if f_in else None,
@@ -262,54 +320,49 @@ class KBFGSEstimator(CurvatureEstimator):
             self._fold_pairs(work, recorder)
 
     def _fold_pairs(self, work: list[tuple[Block, dict[str, Any], LayerMeans]], recorder: LayerRecorder | None) -> None:
+        """Fold the step's pairs with masked updates: every decision (skip, reset) is a device
+        tensor, so the steady-state step reads nothing on the host."""
         cfg = self.config
-        flags: list[Tensor] = []
-        plans = []
         for b, st, before in work:
             mu = math.sqrt(st["damping"])
-            plan: dict[str, Any] = {}
+            counts = st["counts"]
             if st["Ha"] is not None:
                 s_a = st["Ha"] @ before.a
                 y_a = st["A"] @ s_a + mu * s_a
-                plan["a"] = (s_a, y_a, len(flags))
+                ok = accept_pair(s_a, y_a, before.a, tol=cfg.skip_tol)
                 # a non-finite entry of H_a (of A) makes s_a (y_a) non-finite: no d x d scans
-                flags += [accept_pair(s_a, y_a, before.a, tol=cfg.skip_tol), _all_finite(before.a),
-                          _all_finite(s_a, y_a)]
+                reset = _all_finite(before.a) & ~_all_finite(s_a, y_a)
+                ha = torch.where(ok, bfgs_inverse_update(st["Ha"], s_a, y_a), st["Ha"])
+                # restart: A from the next batch, H_a = (0 + sqrt(lambda) I)^-1, the exact damped
+                # inverse of the restarted A (BFGS pairs then track the new A)
+                eye = torch.eye(ha.shape[0], dtype=ha.dtype, device=ha.device)
+                st["Ha"] = torch.where(reset, eye / mu, ha)
+                st["A"] = torch.where(reset, torch.zeros_like(st["A"]), st["A"])
+                st["fresh"] = st["fresh"] | reset
+                counts["resets"] = counts["resets"] + reset
+                counts["a_pairs"] = counts["a_pairs"] + ok
+                counts["a_skipped"] = counts["a_skipped"] + ~ok
             after = layer_means(recorder, b, before.h.dtype, inputs=False) if st["s_avg"] is not None else None
-            if after is not None:
-                if after.rows != before.rows:
-                    raise ValueError(
-                        f"K-BFGS: layer {b.name!r} saw {before.rows} rows in the step's forward pass and "
-                        f"{after.rows} in the closure's: the closure must re-evaluate the same batch"
-                    )
-                self._average_pair(st, after.h - before.h, after.g - before.g)
-                hy = st["Hg"] @ st["y_avg"] if cfg.memory is None else lbfgs_apply(st["S"], st["Y"], st["y_avg"])
-                s_t, y_t = double_damping(st["s_avg"], st["y_avg"], hy, mu1=cfg.powell, mu2=mu, form=cfg.lm)
-                plan["g"] = (s_t, y_t, len(flags))
-                # y_avg is finite here, so a non-finite H y means a non-finite H_g (or pair memory)
-                flags += [accept_pair(s_t, y_t, before.g, tol=cfg.skip_tol), _all_finite(hy)]
-            plans.append(plan)
-        decided = torch.stack(flags).tolist() if flags else []  # the one host sync of the update
-        for (b, st, before), plan in zip(work, plans):
-            counts = st["counts"]
-            if "a" in plan:
-                s_a, y_a, i = plan["a"]
-                ok, input_finite, matrices_finite = decided[i:i + 3]
-                if input_finite and not matrices_finite:  # restart A from the next batch, re-invert
-                    counts["resets"] += 1
-                    st["A"], st["Ha"], st["updates"] = torch.zeros_like(st["A"]), None, 0
-                elif ok:
-                    st["Ha"] = bfgs_inverse_update(st["Ha"], s_a, y_a)
-                counts["a_pairs" if ok else "a_skipped"] += 1
-            if "g" in plan:
-                s_t, y_t, i = plan["g"]
-                ok, memory_finite = decided[i:i + 2]
-                if not memory_finite:
-                    counts["resets"] += 1
-                    self._reset_hg(st)
-                elif ok:
-                    self._fold_g(st, s_t, y_t)
-                counts["g_pairs" if ok and memory_finite else "g_skipped"] += 1
+            if after is None:
+                continue
+            if after.rows != before.rows:
+                raise ValueError(
+                    f"K-BFGS: layer {b.name!r} saw {before.rows} rows in the step's forward pass and "
+                    f"{after.rows} in the closure's: the closure must re-evaluate the same batch"
+                )
+            self._average_pair(st, after.h - before.h, after.g - before.g)
+            if cfg.memory is None:
+                hy = st["Hg"] @ st["y_avg"]
+            else:
+                hy = LBFGSOperator(st["S"], st["Y"], st["valid"]).matmul(st["y_avg"])
+            s_t, y_t = double_damping(st["s_avg"], st["y_avg"], hy, mu1=cfg.powell, mu2=mu, form=cfg.lm)
+            # y_avg is finite here, so a non-finite H y means a non-finite H_g (or pair memory)
+            memory_ok = _all_finite(hy)
+            ok = accept_pair(s_t, y_t, before.g, tol=cfg.skip_tol) & memory_ok
+            self._fold_g(st, s_t, y_t, ok, ~memory_ok)
+            counts["resets"] = counts["resets"] + ~memory_ok
+            counts["g_pairs"] = counts["g_pairs"] + ok
+            counts["g_skipped"] = counts["g_skipped"] + ~ok
 
     def _average_pair(self, st: dict[str, Any], s: Tensor, y: Tensor) -> None:
         beta = self.config.pair_decay
@@ -321,16 +374,15 @@ class KBFGSEstimator(CurvatureEstimator):
         st["s_avg"] = torch.where(new_finite, beta * s_avg + (1.0 - beta) * s, s_avg)
         st["y_avg"] = torch.where(new_finite, beta * y_avg + (1.0 - beta) * y, y_avg)
 
-    def _reset_hg(self, st: dict[str, Any]) -> None:
+    def _fold_g(self, st: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor, reset: Tensor) -> None:
+        """Fold an accepted pair into H_g (dense BFGS or the pair memory); ``reset`` restarts H_g
+        from the identity (an empty memory). Both are 0-d bool tensors."""
         if self.config.memory is None:
-            st["Hg"] = torch.eye(st["Hg"].shape[0], dtype=st["Hg"].dtype, device=st["Hg"].device)
-        else:
-            st["S"], st["Y"] = st["S"][:0], st["Y"][:0]
-
-    def _fold_g(self, st: dict[str, Any], s: Tensor, y: Tensor) -> None:
-        memory = self.config.memory
-        if memory is None:
-            st["Hg"] = bfgs_inverse_update(st["Hg"], s, y)
-        else:
-            st["S"] = torch.cat([st["S"], s[None]])[-memory:]
-            st["Y"] = torch.cat([st["Y"], y[None]])[-memory:]
+            hg = st["Hg"]
+            eye = torch.eye(hg.shape[0], dtype=hg.dtype, device=hg.device)
+            st["Hg"] = torch.where(reset, eye, torch.where(accept, bfgs_inverse_update(hg, s, y), hg))
+            return
+        S, Y, valid = lbfgs_push(st["S"], st["Y"], st["valid"], s, y, accept)
+        st["S"] = torch.where(reset, torch.zeros_like(S), S)
+        st["Y"] = torch.where(reset, torch.zeros_like(Y), Y)
+        st["valid"] = valid & ~reset

@@ -5,9 +5,10 @@ K-BFGS handles ``nn.Linear`` layers :math:`h = W a + b`: one block per layer, th
 column (:class:`curvkit.HomogeneousLayout`), so that mode 0 (``out``) carries the pre-activation
 factor :math:`H_g` and mode 1 (``in + 1``) the activation factor :math:`H_a`.
 
-Every other parameter (``Conv2d``, norm layers, embeddings, a parameter shared by several
-Linear layers, a bias optimised in another param group than its weight, or a tensor that is not a
-model parameter) is refused with a reason: with ``unsupported="fallback"`` it gets a block of
+The weight and bias form one block even when they sit in different param groups (the block's
+schedule follows the weight's group). Every other parameter (``Conv2d``, norm layers, embeddings,
+attention, a parameter shared by several layers, or a tensor that is not a model parameter) is
+refused with a reason: with ``unsupported="fallback"`` it gets a block of
 kind ``"fallback: momentum"`` with every mode unfactored (the plain momentum direction; the
 estimator returns no factors for it), with ``unsupported="error"`` the plan raises
 ``ValueError``. (The paper defines K-BFGS for fully connected layers only.)
@@ -23,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from curvkit import FALLBACK_MOMENTUM, Block, HomogeneousLayout, LayerRecorder, fallback_block, layer_block
+from curvkit import FALLBACK_MOMENTUM, Block, HomogeneousLayout, LayerRecorder
 
 __all__ = ["FALLBACK_KIND", "LayerMeans", "layer_means", "layer_inputs", "plan_blocks"]
 
@@ -40,68 +41,20 @@ def plan_blocks(
 ) -> list[Block]:
     """One block per optimised ``nn.Linear`` layer, fallback blocks (or an error) for the rest.
 
-    Blocks follow the order of ``named_params`` (a layer's block sits where its weight is).
+    Blocks follow the order of ``named_params`` (a layer's block sits where its weight is). The
+    planning is kfac's (:func:`curvkit_kfac.planning.plan_layers`) with K-BFGS's layer kind; a
+    weight shared by several layers takes the fallback (the pre-activation pairs of K-BFGS are
+    defined per layer).
     """
-    if model is None:
-        raise ValueError("kbfgs builds its blocks from the model's Linear layers: pass model=<your nn.Module>")
-    entry = {id(p): (name, gi) for name, p, gi in named_params}
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    layer_of: dict[int, Block] = {}
-    reasons: dict[int, str] = {}
-    for mname, module in model.named_modules():
-        own = list(module.parameters(recurse=False))
-        if isinstance(module, nn.Linear):
-            weight = module.weight
-            if id(weight) not in entry:
-                reason = "bias of a Linear layer whose weight is not optimised"
-            elif owners[id(weight)] > 1 or id(weight) in layer_of:
-                reason = "Linear layer whose weight is shared by several layers"
-            else:
-                block = _linear_block(mname, module, entry, max_factor_dim)
-                for p in block.params:
-                    layer_of[id(p)] = block
-                reason = "bias in another param group than its Linear weight"
-        else:
-            reason = f"{type(module).__name__} layer (K-BFGS handles nn.Linear only)"
-        for p in own:
-            reasons.setdefault(id(p), reason)
-    blocks: list[Block] = []
-    emitted: set[int] = set()
-    for name, p, gi in named_params:
-        block = layer_of.get(id(p))
-        if block is None:
-            blocks.append(_fallback_block(name, p, gi, reasons.get(id(p), "not a parameter of the model"),
-                                          max_factor_dim, unsupported))
-        elif id(block) not in emitted:
-            emitted.add(id(block))
-            blocks.append(block)
-    return blocks
-
-
-def _linear_block(mname: str, module: nn.Linear, entry: dict, max_factor_dim: int | None) -> Block:
-    weight, bias = module.weight, module.bias
-    wname, group = entry[id(weight)]
-    has_bias = bias is not None and id(bias) in entry and entry[id(bias)][1] == group
-    return layer_block(
-        mname or wname.rsplit(".", 1)[0], module, weight=weight, bias=bias if has_bias else None,
-        group=group, max_factor_dim=max_factor_dim,
-        rule=f"Linear: H_g (out) x H_a (in{' + 1 homogeneous bias' if has_bias else ''})",
+    # imported here, not at module import: importing curvkit_kfac registers kfac's parts, which
+    # must happen while the registry loads kfac's own entry point (so it names the right package)
+    from curvkit_kfac.planning import LayerKind, plan_layers
+    
+    kinds = (LayerKind((nn.Linear,), "Linear", factors=("H_g", "H_a")),)
+    return plan_layers(
+        named_params, model=model, max_factor_dim=max_factor_dim, kinds=kinds, method="kbfgs",
+        fallback=unsupported, fallback_option="unsupported", tied="fallback",
     )
-
-
-def _fallback_block(
-    name: str, param: nn.Parameter, group: int, reason: str, max_factor_dim: int | None, unsupported: str
-) -> Block:
-    if unsupported == "error":
-        raise ValueError(
-            f"kbfgs has no quasi-Newton factors for parameter {name!r} of shape {tuple(param.shape)} "
-            f"({reason}); pass unsupported='fallback' to give it the plain momentum direction, or leave "
-            f"it out of the optimizer's params"
-        )
-    return fallback_block(name, param, group, reason=reason, max_factor_dim=max_factor_dim)
 
 
 def _rows(tensors: Sequence[Tensor | None]) -> Tensor | None:

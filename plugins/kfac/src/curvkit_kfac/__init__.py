@@ -11,10 +11,11 @@ so ``curvkit.compose(params, estimator="kfac", model=model)`` works without impo
 package.
 """
 
+from . import planning
 from .estimator import FALLBACK_KIND, KFACConfig, KFACEstimator
 from .layers import conv2d_patches, layer_rows
 from .preset import KFAC
 
 __version__ = "0.1.0"
 
-__all__ = ["FALLBACK_KIND", "KFAC", "KFACConfig", "KFACEstimator", "conv2d_patches", "layer_rows"]
+__all__ = ["FALLBACK_KIND", "KFAC", "KFACConfig", "KFACEstimator", "conv2d_patches", "layer_rows", "planning"]

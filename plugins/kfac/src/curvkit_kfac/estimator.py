@@ -26,7 +26,16 @@ the split is :math:`A + \pi\sqrt\lambda I`, :math:`G + \sqrt\lambda/\pi\, I` wit
 :math:`A`, so the core ``kronecker_mode`` preconditioner with a power-1 inverter forms the KFAC
 direction :math:`(G + d_G I)^{-1} M (A + d_A I)^{-1}` on the momentum buffer :math:`M`.
 
-Parameters of layers kfac does not know (norm layers, embeddings, loose parameters, grouped
+``nn.Embedding`` layers are factored too: the input of a row is the one-hot vector of its token,
+so :math:`A = \mathrm{diag}(\text{token counts}) / m` (kept as its diagonal) sits on the
+vocabulary mode (mode 0 of the ``(num_embeddings, dim)`` weight) and :math:`G` on the ``dim``
+mode; a vocabulary larger than ``max_factor_dim`` is left unfactored.
+
+The block plan is :func:`curvkit_kfac.planning.plan_layers` (shared with ``kbfgs``): a layer's
+weight and bias form one block even when they sit in different param groups, a weight tied
+across several layers gets one block whose statistics come from every use, and
+``nn.MultiheadAttention`` (whose forward bypasses ``out_proj.forward``) is planned as a fallback.
+Parameters of layers kfac does not know (norm layers, attention, loose parameters, grouped
 convolutions) follow the ``fallback`` policy: ``"momentum"`` gives them a block with every mode
 unfactored (the plain momentum direction), ``"error"`` refuses them. A mode larger than
 ``max_factor_dim`` is left unfactored (identity); the factored side then gets the full damping
@@ -51,14 +60,13 @@ from curvkit import (
     Factor,
     PartConfig,
     Source,
-    fallback_block,
-    layer_block,
     register,
     statistics_dtype,
 )
 from curvkit.config import check_choice, check_in_unit_interval, check_positive
 
-from .layers import layer_rows, unsupported_reason
+from .layers import LAYER_KINDS, layer_rows
+from .planning import layer_modules, plan_layers
 
 __all__ = ["FALLBACK_KIND", "KFACConfig", "KFACEstimator"]
 
@@ -109,7 +117,9 @@ class KFACEstimator(CurvatureEstimator):
     @property
     def evidence(self) -> EvidenceSpec:
         source = Source.SAMPLED if self.config.evidence == "sampled" else Source.MINIBATCH
-        return EvidenceSpec(source=source, layer_io=True)
+        # KFAC reads layer inputs and output gradients only: no layer outputs, and the sampled
+        # backward may stop at the layer outputs (no weight-gradient products)
+        return EvidenceSpec(source=source, layer_io=True, layer_outputs=False, parameter_gradients=False)
 
     # ------------------------------------------------------------------ plan
     def plan(
@@ -119,60 +129,12 @@ class KFACEstimator(CurvatureEstimator):
         model: nn.Module | None,
         max_factor_dim: int | None,
     ) -> list[Block]:
-        """One ``(out, in_flat [+ 1])`` block per known layer, fallback blocks for the rest."""
-        if model is None:
-            raise ValueError("kfac builds its blocks from the model's layers: pass model=<your nn.Module>")
-        entry = {id(p): (name, p, gi) for name, p, gi in named_params}
-        layer_block: dict[int, Block] = {}
-        reasons: dict[int, str] = {}
-        for mname, module in model.named_modules():
-            reason = unsupported_reason(module)
-            if reason is None:
-                weight = module.weight
-                if id(weight) in entry and id(weight) not in layer_block:
-                    block = self._layer_block(mname, module, entry, max_factor_dim)
-                    for p in block.params:
-                        layer_block[id(p)] = block
-                    reason = "bias in another param group than its layer's weight"
-                elif id(weight) in layer_block:
-                    reason = "bias of a layer whose weight is shared with an earlier layer"
-                else:
-                    reason = "bias of a layer whose weight is not in the optimizer"
-            for p in module.parameters(recurse=False):
-                if id(p) in entry and id(p) not in layer_block:
-                    reasons.setdefault(id(p), reason)
-        unknown = [
-            f"{name!r} {tuple(p.shape)}: {reasons.get(id(p), 'not a parameter of the model')}"
-            for name, p, _ in named_params
-            if id(p) not in layer_block
-        ]
-        if unknown and self.config.fallback == "error":
-            raise ValueError(
-                f"kfac has no Kronecker factors for {len(unknown)} parameter(s): {'; '.join(unknown)}. "
-                f"Pass fallback='momentum' to give them the plain momentum direction, or leave them out "
-                f"of the optimizer's params"
-            )
-        blocks: list[Block] = []
-        emitted: set[int] = set()
-        for name, p, gi in named_params:
-            block = layer_block.get(id(p))
-            if block is None:
-                reason = reasons.get(id(p), "not a parameter of the model")
-                blocks.append(fallback_block(name, p, gi, reason=reason, max_factor_dim=max_factor_dim))
-            elif id(block) not in emitted:
-                emitted.add(id(block))
-                blocks.append(block)
-        return blocks
-
-    def _layer_block(self, mname: str, module: nn.Module, entry: dict, max_factor_dim: int | None) -> Block:
-        weight, bias = module.weight, module.bias
-        wname, _, group = entry[id(weight)]
-        has_bias = bias is not None and id(bias) in entry and entry[id(bias)][2] == group
-        kind = "Conv2d, KFC patches" if isinstance(module, nn.Conv2d) else "Linear"
-        return layer_block(
-            mname or wname.rsplit(".", 1)[0], module, weight=weight, bias=bias if has_bias else None,
-            group=group, max_factor_dim=max_factor_dim,
-            rule=f"{kind}: G (out) x A (in{' + 1 homogeneous bias' if has_bias else ''})",
+        """One ``(out, in_flat [+ 1])`` block per known layer (weight and bias together even when
+        they sit in different param groups; a tied weight gets one block fed by every use),
+        fallback blocks for the rest (see :mod:`curvkit_kfac.planning`)."""
+        return plan_layers(
+            named_params, model=model, max_factor_dim=max_factor_dim, kinds=LAYER_KINDS, method="kfac",
+            fallback=self.config.fallback, fallback_option="fallback", tied="share",
         )
 
     # ------------------------------------------------------------------ statistics
@@ -183,6 +145,13 @@ class KFACEstimator(CurvatureEstimator):
             return {"updates": 0}
         ref = block.params[0]
         dtype = statistics_dtype(ref.dtype)
+        if _is_embedding(block):  # view (vocabulary, dim): A = diag(counts) on mode 0, G on mode 1
+            (vocab, dim), (f_vocab, f_dim) = block.shape, block.factored
+            return {
+                "A": torch.zeros(vocab, dtype=dtype, device=ref.device) if f_vocab else None,
+                "G": torch.zeros(dim, dim, dtype=dtype, device=ref.device) if f_dim else None,
+                "updates": 0,
+            }
         (d_out, d_in), (f_out, f_in) = block.shape, block.factored
         return {
             "A": torch.zeros(d_in, d_in, dtype=dtype, device=ref.device) if f_in else None,
@@ -196,11 +165,15 @@ class KFACEstimator(CurvatureEstimator):
             if "updates" not in state:
                 raise ValueError(f"block {block.name!r}: saved state is not a kfac fallback state")
             return
-        for key, d, f in (("G", block.shape[0], block.factored[0]), ("A", block.shape[1], block.factored[1])):
+        if _is_embedding(block):
+            modes = (("A", block.shape[0], block.factored[0], 1), ("G", block.shape[1], block.factored[1], 2))
+        else:
+            modes = (("G", block.shape[0], block.factored[0], 2), ("A", block.shape[1], block.factored[1], 2))
+        for key, d, f, rank in modes:
             if key not in state:
                 raise ValueError(f"block {block.name!r}: saved state has no kfac factor {key!r}")
             s = state[key]
-            if (s is None) == f or (s is not None and tuple(s.shape) != (d, d)):
+            if (s is None) == f or (s is not None and tuple(s.shape) != (d,) * rank):
                 got = None if s is None else tuple(s.shape)
                 raise ValueError(f"block {block.name!r}: saved factor {key} of shape {got} does not fit size {d}")
 
@@ -212,36 +185,48 @@ class KFACEstimator(CurvatureEstimator):
         evidence: BlockEvidence,
         *,
         decay: float | None = None,
-    ) -> None:
+    ) -> bool | None:
         r"""Fold the recorded calls of the block's layer into ``A`` and ``G``.
 
         With :math:`n` examples, :math:`r` rows and scale :math:`c` (see the module docstring),
         :math:`\hat A = \frac1n \sum a a^\top` and :math:`\hat G = \frac{c^2}{r} \sum g g^\top`, then
         :math:`S \leftarrow \text{decay}\, S + (1 - \text{decay})\, \hat S` (``decay=None``: 0 on the
         first update, ``stat_decay`` after). Reads the output gradients of the ``"sampled"`` or
-        ``"minibatch"`` phase, as ``evidence`` says; a layer with no recorded gradient is left as
-        it is.
+        ``"minibatch"`` phase, as ``evidence`` says (every use of a tied weight contributes).
+
+        Returns:
+            ``False`` when the block's layer got no complete record (input and output gradient)
+            in this statistics step -- its forward never ran, ran under ``torch.no_grad``, was
+            bypassed (a layer whose owner calls its weight directly) or hooks did not fire (some
+            ``torch.compile`` graphs); the statistics are left as they are and the optimizer
+            counts the block's ``missing_evidence``. ``None`` otherwise.
         """
         if block.module is None:
-            return
+            return None
         if evidence.layer is None:
             raise RuntimeError("kfac needs layer records: build the optimizer with model=<your nn.Module>")
-        record = evidence.layer[block.module]
-        phase = "sampled" if self.config.evidence == "sampled" else "minibatch"
-        calls = [(a, g) for a, g in zip(record.inputs, record.grads(phase)) if g is not None]
-        if not calls:
-            return
         A, G = state["A"], state["G"]
         if A is None and G is None:  # both modes unfactored: nothing to estimate
-            return
+            return None
+        phase = "sampled" if self.config.evidence == "sampled" else "minibatch"
+        calls = []
+        for module in layer_modules(block):
+            record = evidence.layer.records.get(module)
+            if record is not None:
+                calls += [(module, a, g) for a, g in zip(record.inputs, record.grads(phase)) if g is not None]
+        if not calls:
+            return False
         dtype = (A if A is not None else G).dtype
-        scale = self._gradient_scale(evidence, calls[0][0])
+        scale = self._gradient_scale(evidence, calls[0][1])
+        if _is_embedding(block):
+            self._update_embedding(state, calls, dtype, scale, decay)
+            return None
         has_bias = len(block.params) == 2
         a_sum = None if A is None else torch.zeros_like(A)
         g_sum = None if G is None else torch.zeros_like(G)
         examples = rows = 0
-        for inputs, grad in calls:
-            r = layer_rows(block.module, inputs.to(dtype), grad.to(dtype))
+        for module, inputs, grad in calls:
+            r = layer_rows(module, inputs.to(dtype) if inputs.is_floating_point() else inputs, grad.to(dtype))
             examples += r.examples
             rows += r.gradients.shape[0]
             if a_sum is not None:
@@ -262,6 +247,33 @@ class KFACEstimator(CurvatureEstimator):
         if G is not None:
             G.mul_(decay).add_(g_sum, alpha=weight * scale * scale / rows)
         state["updates"] += 1
+        return None
+
+    def _update_embedding(self, state: dict[str, Any], calls: list, dtype: torch.dtype, scale: float,
+                          decay: float | None) -> None:
+        r"""``nn.Embedding``: the input of a row is the one-hot vector of its token, so
+        :math:`\hat A = \frac1n \sum e_t e_t^\top = \mathrm{diag}(\text{counts}) / n` (kept as its
+        diagonal) and :math:`\hat G = \frac{c^2}{n} \sum g g^\top` over the ``dim`` outputs."""
+        A, G = state["A"], state["G"]
+        counts = None if A is None else torch.zeros_like(A)
+        g_sum = None if G is None else torch.zeros_like(G)
+        rows = 0
+        for _, ids, grad in calls:
+            ids = ids.reshape(-1)
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            rows += ids.shape[0]
+            if counts is not None:
+                counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=dtype, device=ids.device))
+            if g_sum is not None:
+                g_sum.addmm_(g.T, g)
+        if decay is None:
+            decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
+        weight = 1.0 - decay
+        if A is not None:
+            A.mul_(decay).add_(counts, alpha=weight / rows)
+        if G is not None:
+            G.mul_(decay).add_(g_sum, alpha=weight * scale * scale / rows)
+        state["updates"] += 1
 
     def _gradient_scale(self, evidence: BlockEvidence, first_input: Tensor) -> float:
         """``gradient_scale``, else the batch size the optimizer reports, else the layer's dim 0."""
@@ -277,14 +289,29 @@ class KFACEstimator(CurvatureEstimator):
         if block.module is None or state["updates"] == 0:
             return None
         A, G = state["A"], state["G"]
+        if _is_embedding(block):  # modes (vocabulary, dim): the diagonal A first
+            A = None if A is None else torch.diag(A)
+            if A is None or G is None:
+                return [None if A is None else Factor(A, damping), None if G is None else Factor(G, damping)]
+            g_factor, a_factor = self._split(A, G, damping)
+            return [a_factor, g_factor]
         if A is None or G is None:
             return [None if G is None else Factor(G, damping), None if A is None else Factor(A, damping)]
+        g_factor, a_factor = self._split(A, G, damping)
+        return [g_factor, a_factor]
+
+    def _split(self, A: Tensor, G: Tensor, damping: float) -> tuple[Factor, Factor]:
+        """``(Factor(G, d_G), Factor(A, d_A))`` with the damping split (module docstring)."""
         root = math.sqrt(damping)
         if not self.config.pi_damping:
-            return [Factor(G, root), Factor(A, root)]
+            return Factor(G, root), Factor(A, root)
         mean_a = torch.trace(A) / A.shape[0]
         mean_g = torch.trace(G) / G.shape[0]
         usable = (mean_a > 0) & (mean_g > 0)
         tiny = torch.finfo(A.dtype).tiny
         pi = torch.where(usable, torch.sqrt(mean_a.clamp_min(tiny) / mean_g.clamp_min(tiny)), torch.ones_like(mean_a))
-        return [Factor(G, root / pi), Factor(A, root * pi)]
+        return Factor(G, root / pi), Factor(A, root * pi)
+
+
+def _is_embedding(block: Block) -> bool:
+    return isinstance(block.module, nn.Embedding)

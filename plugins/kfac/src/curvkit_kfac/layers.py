@@ -35,10 +35,12 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerRows", "SUPPORTED", "conv2d_patches", "layer_rows", "unsupported_reason"]
+from .planning import LayerKind
+
+__all__ = ["LAYER_KINDS", "LayerRows", "SUPPORTED", "conv2d_patches", "layer_rows", "unsupported_reason"]
 
 #: Layer types with Kronecker factors.
-SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
 @dataclass
@@ -60,10 +62,29 @@ class LayerRows:
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why ``module`` has no Kronecker factors (``None`` if it has them)."""
     if not isinstance(module, SUPPORTED):
-        return f"{type(module).__name__} is not a Linear or Conv2d layer"
+        return f"{type(module).__name__} is not a Linear, Conv2d or Embedding layer"
+    return _grouped(module) or _embedding(module)
+
+
+def _grouped(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"Conv2d with groups={module.groups} (kfac factors groups=1 convolutions only)"
     return None
+
+
+def _embedding(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse):
+        return "Embedding with scale_grad_by_freq or sparse gradients (kfac needs the plain dense gradient)"
+    return None
+
+
+#: The layer kinds kfac plans (:func:`curvkit_kfac.planning.plan_layers`).
+LAYER_KINDS = (
+    LayerKind((nn.Linear,), "Linear"),
+    LayerKind((nn.Conv2d,), "Conv2d", detail=", KFC patches", unsupported=_grouped),
+    LayerKind((nn.Embedding,), "Embedding", factors=("A = diag(counts)", "G"), axes=("vocabulary", "dim"),
+              unsupported=_embedding),
+)
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:

@@ -145,19 +145,32 @@ class CoupledNewton(Inverter):
     Config = CoupledNewtonConfig
 
     def invert(self, matrices: Tensor, *, damping: Tensor, order: Tensor) -> Tensor:
+        """Roots of a batch, grouped by root :math:`p`; each group is cast to the working dtype on
+        its own and written back in the input dtype (no float64 copy of the whole batch)."""
         cfg = self.config
         work = torch.float64 if cfg.float64 else matrices.dtype
-        a = 0.5 * (matrices + matrices.transpose(-1, -2)).to(work)
-        eps = damping.to(device=a.device, dtype=work).reshape(-1)
-        if cfg.relative_damping:
-            lam = lambda_max(a, cfg.power_iterations)
-            eps = torch.where(lam > 0, eps * lam, eps)
-        b = a + eps[:, None, None] * torch.eye(a.shape[-1], dtype=work, device=a.device)
+        eps_all = damping.to(device=matrices.device, dtype=work).reshape(-1)
         fixed, multiple = parse_root(cfg.power)
-        roots = order.to(torch.int64).reshape(-1) * multiple if multiple else torch.full_like(order, fixed)
-        out = torch.empty_like(b)
-        for p in sorted(set(int(r) for r in roots.tolist())):
-            idx = (roots == p).nonzero().reshape(-1).to(a.device)
-            out[idx] = _newton_root(b[idx], p, cfg.tolerance, cfg.max_iterations)
-        return out.to(matrices.dtype)
-
+        if multiple:
+            roots = sorted(set(int(r) for r in order.reshape(-1).tolist()))
+            root_of = order.to(torch.int64).reshape(-1).to(matrices.device) * multiple
+            roots = [r * multiple for r in roots]
+        else:
+            roots, root_of = [fixed], None
+        single = len(roots) == 1
+        out = None if single else torch.empty_like(matrices)
+        for p in roots:
+            idx = None if single else (root_of == p).nonzero().reshape(-1)
+            part = matrices if idx is None else matrices[idx]
+            eps = eps_all if idx is None else eps_all[idx]
+            a = part.to(work)
+            a = 0.5 * (a + a.transpose(-1, -2))
+            if cfg.relative_damping:
+                lam = lambda_max(a, cfg.power_iterations)
+                eps = torch.where(lam > 0, eps * lam, eps)
+            a.diagonal(dim1=-2, dim2=-1).add_(eps[:, None])
+            root = _newton_root(a, p, cfg.tolerance, cfg.max_iterations).to(matrices.dtype)
+            if single:
+                return root
+            out[idx] = root
+        return out
