@@ -521,8 +521,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             factors = self.estimator.factors(b, state["estimator"], damping=self.param_groups[b.group]["damping"])
             if factors is None:
                 continue
-            if self.estimator.factors_are_inverses:  # maintained directly: no inversion, no copy
-                state["inverses"] = [None if f is None else f.matrix for f in factors]
+            if self.estimator.factors_are_inverses:  # maintained directly: read at every step
                 continue
             previous = state["inverses"]
             for mode, f in enumerate(factors):

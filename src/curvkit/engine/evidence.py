@@ -131,7 +131,11 @@ class EvidenceCollector:
             return
         if self.recorder is not None:
             self.recorder.remove()
-        modules = [b.module for b in self.blocks if b.module is not None]
+        modules: list[torch.nn.Module] = []
+        for b in self.blocks:  # every module that uses a block's parameters (tied weights: several)
+            for m in tuple(getattr(b, "uses", ()) or ()) or ((b.module,) if b.module is not None else ()):
+                if m is not None and m not in modules:
+                    modules.append(m)
         self.recorder = LayerRecorder(modules, root=self.model, keep_outputs=self.spec.layer_outputs)
 
     def close(self) -> None:

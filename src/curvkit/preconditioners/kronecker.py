@@ -45,7 +45,10 @@ class KroneckerMode(Preconditioner):
     ) -> Tensor:
         if inverses is None:
             return direction
-        return mode_products(direction, [None if v is None else v.to(direction.dtype) for v in inverses])
+        return mode_products(
+            direction,
+            [v.to(direction.dtype) if isinstance(v, Tensor) else v for v in inverses],
+        )
 
     def apply_group(
         self,

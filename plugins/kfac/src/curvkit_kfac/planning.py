@@ -14,7 +14,7 @@ r"""Layer planning shared by the layer-based plugins (``kfac``, and ``kbfgs`` im
   ``fallback="error"``, for every other parameter, with the reason in the block plan.
 
 ``nn.MultiheadAttention`` is planned as a fallback, parameters and ``out_proj`` alike: its forward
-calls :func:`torch.nn.functional.multi_head_attention_forward` with the projection weights
+calls ``torch.nn.functional.multi_head_attention_forward`` with the projection weights
 directly and never runs ``out_proj.forward``, so no layer hook would ever see its inputs or output
 gradients (a Kronecker block there would silently get no statistics).
 
