@@ -125,7 +125,8 @@ def test_parse_schedules():
 # ----------------------------------------------------------------------------- table ratios
 def _payload():
     cases = [Case("Adam", "baseline", None, "torch"), Case("KFAC", "curvkit", (1, 20), "kfac"),
-             Case("ASDL KFAC", "peer", (1, 20), "asdl", peer_of="KFAC"), Case("Muon", "peer", None, "torch")]
+             Case("KFAC", "curvkit", (10, 100), "kfac"), Case("ASDL KFAC", "peer", (1, 20), "asdl", peer_of="KFAC"),
+             Case("ASDL KFAC", "peer", (10, 100), "asdl", peer_of="KFAC"), Case("Muon", "peer", None, "torch")]
     run = lambda ms, status="ok": {"status": status, "mean_ms": ms, "peak_mib": 1.0, "state_mib": 2.0,  # noqa: E731
                                    "warmup": 21, "steps": 20, "memory_method": "m"}
     pieces = dict(PIECE_MS)
@@ -133,7 +134,8 @@ def _payload():
         "cases": [c.to_dict() for c in cases], "batches": [8], "widths": [4, 2, 4], "device": "cpu", "threads": 1,
         "floor": {"8": [{"status": "ok", "pieces": pieces}, {"status": "ok", "pieces": {k: 3 * v for k, v in pieces.items()}}]},
         "runs": {"Adam|8": [run(10.0), run(30.0), run(20.0)], "KFAC (1,20)|8": [run(60.0)],
-                 "ASDL KFAC (1,20)|8": [run(40.0)], "Muon|8": [{"status": "error", "message": "boom"}]},
+                 "ASDL KFAC (1,20)|8": [run(40.0)], "KFAC (10,100)|8": [run(100.0)],
+                 "ASDL KFAC (10,100)|8": [run(25.0)], "Muon|8": [{"status": "error", "message": "boom"}]},
     }
 
 
@@ -143,6 +145,7 @@ def test_summary_ratios_on_a_hand_made_payload():
     assert adam["ms"] == 20.0 and adam["x_adam"] == 1.0  # median over rounds
     assert kfac["x_adam"] == 3.0
     assert kfac["peer"] == "ASDL KFAC" and kfac["x_peer"] == 1.5
+    assert rows["KFAC (10,100)"]["x_peer"] == 4.0  # against the peer at the same schedule
     assert asdl["peer"] == "" and math.isnan(asdl["x_peer"])  # a peer is not compared with itself
     floor = 2 * floor_ms("kfac", (1, 20), PIECE_MS)  # median of the two floor rounds (x1, x3)
     assert kfac["floor_ms"] == pytest.approx(floor) and kfac["x_floor"] == pytest.approx(60.0 / floor)
@@ -150,7 +153,7 @@ def test_summary_ratios_on_a_hand_made_payload():
     assert muon["status"] == "error" and muon["message"] == "boom" and math.isnan(muon["floor_ms"])
     table = cli.format_table(list(rows.values()))
     assert table.splitlines()[0].split()[:3] == ["method", "schedule", "batch"]
-    assert len(table.splitlines()) == 2 + 4
+    assert len(table.splitlines()) == 2 + 6
     rst = cli.format_table(list(rows.values()), rst=True)
     assert rst.splitlines()[0] == rst.splitlines()[2] == rst.splitlines()[-1]
 
@@ -202,3 +205,13 @@ def test_worker_in_a_fresh_process_and_its_errors():
 def test_bad_options_exit_2(argv, match, capsys, tmp_path):
     assert cli.main(["--quick", "--no-peers", "--out", str(tmp_path), *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_budget_skips_what_it_cannot_measure(tmp_path):
+    out = tmp_path / "st"
+    code = cli.main(["--quick", "--in-process", "--methods", "Adam", "--no-peers", "--no-progress", "--no-plot",
+                     "--budget-minutes", "1e-9", "--out", str(out)])
+    assert code == 0
+    payload = json.loads((out / "steptime.json").read_text())
+    assert [r["status"] for r in payload["table"]] == ["skipped"]
+    assert "--budget-minutes" in payload["table"][0]["message"] and payload["floor"]["32"][0]["status"] == "skipped"

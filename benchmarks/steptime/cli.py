@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process instead of a fresh one per measurement (tests, debugging: "
                    "earlier measurements then warm caches and allocators for later ones)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="stop starting measurements after this many minutes (the rest are reported as skipped; "
+                   "the shortest windows run first)")
     p.add_argument("--job-timeout", type=float, default=1800.0, help="seconds before one measurement is abandoned")
     p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/steptime/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -327,6 +330,8 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
     quick = args.quick
     rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     reps = args.reps if args.reps is not None else (2 if quick else 5)
+    if args.budget_minutes is not None and not args.budget_minutes > 0:
+        raise ValueError(f"--budget-minutes must be > 0, got {args.budget_minutes}")
     if rounds < 1 or reps < 1:
         raise ValueError(f"--rounds and --reps must be >= 1, got {rounds} and {reps}")
     batches = _batches(args.batch if not (quick and args.batch == "1000,128") else "32")
@@ -349,11 +354,17 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
     jobs: list[dict[str, Any]] = []
     for batch in batches:
         base = {"widths": widths, "batch": batch, "threads": args.threads, "device": args.device, "seed": 0}
-        jobs.append({**base, "kind": "floor", "reps": reps})
-        for case in cases:
-            warmup, steps = measurement_window(case, quick=quick, periods=args.periods)
+        jobs.append({**base, "kind": "floor", "reps": reps, "warmup": 0, "steps": 0})
+    for case in cases:
+        warmup, steps = measurement_window(case, quick=quick, periods=args.periods)
+        for batch in batches:
+            base = {"widths": widths, "batch": batch, "threads": args.threads, "device": args.device, "seed": 0}
             jobs.append({**base, "kind": "case", "case": case.to_dict(), "warmup": warmup, "steps": steps})
+    # shortest windows first (a stable sort keeps the case order): under --budget-minutes the
+    # long (10, 100) windows are the ones left out, and every batch is measured alike
+    jobs.sort(key=lambda j: j["warmup"] + j["steps"])
     order = interleave(jobs, rounds)
+    deadline = None if args.budget_minutes is None else time.perf_counter() + 60.0 * args.budget_minutes
     runs: dict[str, list[dict[str, Any]]] = {}
     floor: dict[str, list[dict[str, Any]]] = {}
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -366,6 +377,13 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
     try:
         for r, job in order:
             what = "floor" if job["kind"] == "floor" else Case.from_dict(job["case"]).label
+            if deadline is not None and time.perf_counter() > deadline:
+                skipped = {"status": "skipped", "message": f"not measured: --budget-minutes {args.budget_minutes:g} spent",
+                           "round": r}
+                (floor.setdefault(str(job["batch"]), []) if job["kind"] == "floor"
+                 else runs.setdefault(f"{what}|{job['batch']}", [])).append(skipped)
+                bar.update(1)
+                continue
             bar.set_postfix_str(f"round {r + 1}: {what}, batch {job['batch']}", refresh=True)
             if args.in_process:
                 from .worker import run_job
@@ -382,6 +400,10 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
                 runs.setdefault(f"{what}|{job['batch']}", []).append(result)
             if result.get("status") == "error":
                 bar.write(f"error     {what}, batch {job['batch']}: {result.get('message')}")
+            elif not args.quick:
+                value = (f"{_num(result['mean_ms']):.1f} ms/step" if "mean_ms" in result
+                         else f"{len(result.get('pieces', {}))} pieces")
+                bar.write(f"[{r + 1}] {what:24s} batch {job['batch']:5d}: {value} ({_num(result.get('wall_s')):.0f} s)")
             bar.update(1)
     except KeyboardInterrupt:
         interrupted = True
