@@ -174,8 +174,11 @@ def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
             pieces = pieces_by_batch.get(int(batch))
             floor, breakdown = float("nan"), {}
             if case.recipe is not None and pieces is not None:
-                breakdown = floor_breakdown(case.recipe, case.schedule, pieces)
-                floor = sum(breakdown.values())
+                try:
+                    breakdown = floor_breakdown(case.recipe, case.schedule, pieces)
+                    floor = sum(breakdown.values())
+                except ValueError:  # a floor piece is missing from the results: no floor
+                    breakdown = {}
             rows.append({
                 "label": case.label, "method": case.name, "kind": case.kind,
                 "schedule": "own" if case.schedule is None else f"({case.schedule[0]},{case.schedule[1]})",

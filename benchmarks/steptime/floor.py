@@ -45,6 +45,9 @@ alone (median of ``reps`` repetitions after one untimed run; CUDA synchronised a
     K-BFGS(L): :math:`H_g M H_a` with :math:`H_g` in the compact L-BFGS form of 100 pairs
     (:math:`\gamma M + U (C (U^\top M))`, :math:`U` of ``2m`` columns), plus :math:`H_g y`.
 
+The pieces compute on random tensors of the right shapes (the passes through the model run on
+the real batch): only their cost matters, and dense kernels cost the same whatever the values.
+
 A *recipe* (:data:`RECIPES`) lists the pieces of a method with their cadence: every step,
 every statistics step (divided by :math:`T_1`) or every inversion (divided by :math:`T_2`).
 The floor of a method at a schedule is :math:`\sum` piece time x count / cadence
