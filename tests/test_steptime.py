@@ -180,6 +180,9 @@ def test_quick_run_writes_table_json_and_plot(tmp_path, capsys):
     assert rows["Adam"]["x_adam"] == 1.0 and rows["TNT (1,2)"]["state_mib"] > 0
     assert (out / "table.txt").read_text().splitlines()[1].split()[:2] == ["method", "schedule"]
     assert (out / "steptime.png").read_bytes()[:8] == PNG_MAGIC
+    piece_rows = (out / "pieces.txt").read_text().splitlines()[2:]
+    assert [row.split()[0] for row in piece_rows] == list(PIECES)
+    assert all(float(row.split()[1]) >= 0 for row in piece_rows)
     # re-rendering from the JSON gives the same table
     again = tmp_path / "again"
     assert cli.main(["--from-json", str(out / "steptime.json"), "--out", str(again), "--no-plot"]) == 0

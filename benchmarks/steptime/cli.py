@@ -36,7 +36,8 @@ from .cases import (
 from .floor import floor_breakdown
 from .worker import MARKER, json_safe
 
-__all__ = ["COLUMNS", "build_parser", "interleave", "main", "summarize", "format_table", "parse_schedules"]
+__all__ = ["COLUMNS", "build_parser", "format_pieces", "format_table", "interleave", "main", "parse_schedules",
+           "summarize"]
 
 _REPO = Path(__file__).resolve().parents[2]
 #: Columns of the table, in order.
@@ -228,6 +229,23 @@ def format_table(rows: Sequence[dict[str, Any]], *, rst: bool = False) -> str:
     return "\n".join([line(COLUMNS), "  ".join("-" * w for w in widths), *(line(b) for b in body)])
 
 
+def format_pieces(payload: dict[str, Any]) -> str:
+    """The floor pieces (median ms over rounds) per batch, one row per piece."""
+    from .floor import PIECES
+
+    batches = [str(b) for b in payload["batches"]]
+    cols: dict[str, dict[str, float]] = {}
+    for b in batches:
+        ok = [r["pieces"] for r in payload["floor"].get(b, []) if r.get("status") == "ok"]
+        cols[b] = {k: _median([_num(r[k]) for r in ok]) for k in PIECES if ok and all(k in r for r in ok)}
+    head = ["floor piece (ms)", *(f"batch {b}" for b in batches)]
+    body = [[k, *(_fmt(cols[b].get(k, float("nan")), 2) for b in batches)] for k in PIECES]
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [head, ["-" * w for w in widths], *body]]
+    return "\n".join(lines)
+
+
 def _plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
     try:
         import matplotlib
@@ -290,8 +308,11 @@ def _write_outputs(payload: dict[str, Any], out_dir: Path, *, plot: bool) -> lis
     (out_dir / "steptime.json").write_text(json.dumps(json_safe(payload), indent=1, default=str) + "\n")
     (out_dir / "table.txt").write_text(title + "\n" + table + "\n")
     (out_dir / "table.rst").write_text(format_table(rows, rst=True) + "\n")
+    pieces = format_pieces(payload)
+    print(f"\n{pieces}")
+    (out_dir / "pieces.txt").write_text(pieces + "\n")
     written = _plot(rows, out_dir / "steptime.png", title) if plot else None
-    print(f"wrote     {out_dir / 'steptime.json'}, table.txt, table.rst" + (", steptime.png" if written else ""))
+    print(f"wrote     {out_dir / 'steptime.json'}, table.txt, table.rst, pieces.txt" + (", steptime.png" if written else ""))
     return rows
 
 
