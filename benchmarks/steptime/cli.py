@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure in this process instead of a fresh one per measurement (tests, debugging: "
                    "earlier measurements then warm caches and allocators for later ones)")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="stop starting measurements after this many minutes (the rest are reported as skipped; "
-                   "the shortest windows run first)")
+                   help="stop measuring after this many minutes (a measurement still running is stopped; the rest "
+                   "are reported as skipped; the shortest windows run first)")
     p.add_argument("--job-timeout", type=float, default=1800.0, help="seconds before one measurement is abandoned")
     p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/steptime/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -416,7 +416,13 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
                 result = json.loads(json.dumps(json_safe(run_job(job)), default=str))
                 torch.set_num_threads(threads)
             else:
-                result = _run_subprocess(job, args.job_timeout)
+                timeout = args.job_timeout
+                if deadline is not None and deadline - time.perf_counter() < timeout:
+                    timeout = max(1.0, deadline - time.perf_counter())
+                result = _run_subprocess(job, timeout)
+                if deadline is not None and timeout < args.job_timeout and "timed out" in result.get("message", ""):
+                    result = {"status": "skipped",
+                              "message": f"stopped: --budget-minutes {args.budget_minutes:g} ran out during it"}
             result["round"] = r
             if job["kind"] == "floor":
                 floor.setdefault(str(job["batch"]), []).append(result)

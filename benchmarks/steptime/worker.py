@@ -50,25 +50,18 @@ def _sync(device: torch.device) -> None:
 
 
 def _prewarm(case: Case, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One forward and backward and the optimizer's imports before memory is measured, so that
-    torch's lazy initialisation (thread pools, allocator arenas, imported modules) is not
-    counted as the method's memory; the gradients are dropped again."""
-    import importlib
+    """One step of the same method on a throwaway copy of the model before memory is measured,
+    so that one-time costs (imports such as ``torch._dynamo`` on an optimizer's first step,
+    thread pools, allocator arenas) are not counted as the method's memory."""
+    import copy
+    import gc
 
-    from ..problems import bce_sum
-
-    for name in {"curvkit": ("curvkit",), "peer": ("asdl", "heavyball")}.get(case.kind, ()):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-    if case.kind == "curvkit":
-        import curvkit
-
-        curvkit.available()  # load the plugins
-    bce_sum(model(x), y).backward()
-    for p in model.parameters():
-        p.grad = None
+    scratch = copy.deepcopy(model)
+    stepper = build_stepper(case, scratch, x, y)
+    stepper.step()
+    stepper.state_bytes()
+    del stepper, scratch
+    gc.collect()
 
 
 def measure_case(job: dict[str, Any]) -> dict[str, Any]:
