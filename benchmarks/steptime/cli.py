@@ -21,8 +21,10 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -319,11 +321,23 @@ def _write_outputs(payload: dict[str, Any], out_dir: Path, *, plot: bool) -> lis
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns 0, 1 if a measurement failed, 2 for bad options, 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM ends the run like Ctrl-C: the running measurement's process is stopped with it
+        # and what was measured so far is written
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _main(args, ["python -m benchmarks.steptime", *(sys.argv[1:] if argv is None else argv)])
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _select(cases: list[Case], requested: str) -> list[Case]:
