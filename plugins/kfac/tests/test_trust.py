@@ -17,21 +17,23 @@ TOL = dict(rtol=1e-10, atol=1e-12)
 
 
 def _output_only(monkeypatch, opt):
-    """Stand-in for the lead's engine wiring: inside update_curvature's sampled phase, call
-    recorder.differentiate(value) instead of torch.autograd.grad(value, params)."""
-    real = torch.autograd.grad
+    """Spy on the engine's output-only sampled backward: the recorder's ``differentiate`` runs,
+    and no gradient with respect to a parameter is ever asked for."""
+    real_grad, real_diff = torch.autograd.grad, type(opt._recorder).differentiate
+    params = {id(p) for p in opt.model.parameters()}
     calls = []
 
     def grad(outputs, inputs, *args, **kwargs):
-        rec = opt._recorder
-        if rec is not None and rec.phase_name == "sampled" and not opt.evidence.parameter_gradients and not calls:
-            calls.append(1)
-            monkeypatch.setattr(torch.autograd, "grad", real)  # differentiate's own call is the real one
-            rec.differentiate(outputs)
-            return tuple(torch.zeros_like(p) for p in inputs)  # the engine feeds no gradients
-        return real(outputs, inputs, *args, **kwargs)
+        seq = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        assert not any(id(t) in params for t in seq), "the sampled backward computed parameter gradients"
+        return real_grad(outputs, inputs, *args, **kwargs)
+
+    def differentiate(self, value):
+        calls.append(1)
+        return real_diff(self, value)
 
     monkeypatch.setattr(torch.autograd, "grad", grad)
+    monkeypatch.setattr(type(opt._recorder), "differentiate", differentiate)
     return calls
 
 
