@@ -232,3 +232,19 @@ def test_relative_damping_keeps_the_preconditioner_shape_at_every_evidence_scale
     # absolute damping where it dominates: |P| ~ |g| / eps^k grows with the block's order
     ratios = [float(direction(k, 1e-4, False).norm() / torch.randn((4,) * k, generator=torch.Generator().manual_seed(2), dtype=D).norm()) for k in (1, 2, 3)]
     assert ratios[2] > 50 * ratios[0]
+
+
+def test_statistics_inside_autocast_are_computed_in_float32_exactly():
+    """The same evidence fed inside and outside bf16 autocast gives bit-identical statistics
+    (the mode Grams must not run as bf16 matmuls)."""
+    torch.manual_seed(0)
+    shapes = [(16, 12), (12,)]
+    grads = [torch.randn(s) for s in shapes]
+    a = curvkit.TNT([nn.Parameter(torch.zeros(s)) for s in shapes])
+    b = curvkit.TNT([nn.Parameter(torch.zeros(s)) for s in shapes])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a.update_curvature(grads=grads)
+    b.update_curvature(grads=grads)
+    for ba, bb in zip(a.blocks, b.blocks):
+        for ga, gb in zip(a.block_state(ba)["estimator"]["grams"], b.block_state(bb)["estimator"]["grams"]):
+            assert ga.dtype == torch.float32 and torch.equal(ga, gb)
