@@ -487,13 +487,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         due = self._due_blocks()
         if not due:
             return
-        if run.stats_taken_at < 0 and not run.warm_started:
+        if run.stats_taken_at < 0 and not run.warm_started and not (self._distributor is not None and run.ever_had_stats):
             raise RuntimeError(
                 f"estimator {self.estimator.name!r} has no curvature statistics at the first step: call "
                 f"opt.update_curvature(outputs, loss=...) after the forward pass and before loss.backward() "
                 f"(or opt.warm_start(...) before training)"
             )
-        if self.strict:
+        if self.strict and self._distributor is None:  # distributed: raised collectively in flush
             raise RuntimeError(
                 f"statistics were due at step {run.step} but step() found no new curvature evidence: call "
                 f"opt.update_curvature(outputs, loss=...) before loss.backward() on every step where "
@@ -623,7 +623,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if ids:
                 self._collector.feed(ids, {id(p): p.grad for bi in ids for p in self._blocks[bi].params})
                 self._run.stats_taken_at = t
-        self._collector.flush()
+        self._collector.flush(self._due_blocks() if self._distributor is not None else None, strict=self.strict)
         self._check_stale()
 
         # 2. inverses where due (this is the step's only host synchronisation)

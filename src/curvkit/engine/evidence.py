@@ -229,8 +229,28 @@ class EvidenceCollector:
         self._pending_n = total
         self.run.pending_batches += 1
 
-    def flush(self) -> None:
-        """Feed accumulated sampled evidence (the batch-size weighted mean) to the estimator."""
+    def flush(self, due: Sequence[int] | None = None, *, strict: bool = False) -> None:
+        """Feed accumulated sampled evidence (the batch-size weighted mean) to the estimator.
+
+        Under a distributor, ``step()`` passes the blocks ``due`` for statistics: a rank that
+        collected no evidence then takes part in the average with weight zero, so the ranks make
+        the same collective calls and all get the statistics of the ranks that did (a rank that
+        skipped ``update_curvature`` no longer aborts or hangs the others). With ``strict``,
+        every rank raises together when any rank collected nothing.
+        """
+        distributed = self.distributor is not None and self.sync_statistics and hasattr(self.distributor, "average_")
+        missing_here = False
+        if (
+            not self._pending_ids and distributed and due and self.spec.source is Source.SAMPLED
+            and not self.spec.layer_io and self.run.stats_taken_at != self.run.step
+        ):
+            params = [p for bi in due for p in self.blocks[bi].params if p.requires_grad]
+            if params:
+                self._pending_ids = list(due)
+                self._pending = {id(p): torch.zeros_like(p) for p in params}
+                self._pending_n = 0
+                self.run.pending_batches = 1
+                missing_here = True
         if not self._pending_ids:
             return
         ids, pending, n, batches = self._pending_ids, self._pending, self._pending_n, self.run.pending_batches
@@ -244,11 +264,26 @@ class EvidenceCollector:
                     g.mul_(n)
             first = next(iter(pending.values()))
             count = torch.full((), float(n), dtype=first.dtype, device=first.device)
+            missing = torch.full((), float(missing_here), dtype=first.dtype, device=first.device)
             order = self._param_order  # the same parameter order on every rank (ids differ)
             keys = sorted(pending, key=lambda k: order.get(k, 0))
-            distributor.average_([pending[k] for k in keys] + [count], call="update_curvature", step=self.run.step)
+            distributor.average_(
+                [pending[k] for k in keys] + [count, missing], call="update_curvature", step=self.run.step
+            )
+            if strict and bool(missing > 0):  # strict may read the host: every rank raises together
+                raise RuntimeError(
+                    f"a rank did not call update_curvature at step {self.run.step} while statistics were due "
+                    f"(strict=True): call it on every rank"
+                )
+            if missing_here:
+                self.health.warn_once(
+                    "rank_missing",
+                    f"this rank did not call update_curvature at step {self.run.step}; its statistics come "
+                    f"from the ranks that did (call it on every rank where opt.statistics_due())",
+                    stacklevel=4,
+                )
             for g in pending.values():
-                g.div_(count)
+                g.div_(count)  # 0/0 where no rank collected: non-finite evidence, skipped everywhere
         elif batches > 1:
             for g in pending.values():
                 g.div_(n)
