@@ -105,6 +105,8 @@ class _ClearHook(_RecorderHook):
         recorder = self._recorder()
         if recorder is not None:
             recorder.clear()
+            if torch.is_grad_enabled():
+                recorder.forwards += 1
 
 
 class _GradHook(_RecorderHook):
@@ -147,6 +149,9 @@ class LayerRecorder:
         self.records: dict[nn.Module, LayerRecord] = {m: LayerRecord() for m in modules}
         self.keep_outputs = keep_outputs
         self._phase = "minibatch"
+        #: Forward passes of the root with gradients enabled since the optimizer last reset it
+        #: (more than one before a ``step()`` means micro-batches whose records were replaced).
+        self.forwards = 0
         #: (record, call index, output) of the current forward, for :meth:`differentiate`.
         self._live: list[tuple[LayerRecord, int, Tensor]] = []
         self._handles: list[Any] = [m.register_forward_hook(_ForwardHook(self)) for m in self.records]

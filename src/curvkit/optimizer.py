@@ -617,6 +617,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._check_params(active)
 
         # 1. evidence: the minibatch gradient (when the estimator reads it), pending micro-batches
+        recorder = self._collector.recorder
+        if (
+            recorder is not None and self._evidence.source is Source.MINIBATCH
+            and getattr(recorder, "forwards", 0) > 1 and self._run.stats_taken_at != t and self._due_blocks()
+        ):  # records of earlier micro-batches were replaced by the last forward's
+            for bi in self._due_blocks():
+                if self._blocks[bi].module is not None:
+                    self._health.count(bi, "partial_evidence")
+            self._health.warn_once("partial_evidence", _partial_message(recorder.forwards), stacklevel=4)
         if self._evidence.source is Source.MINIBATCH and self._run.stats_taken_at != t:
             due = set(self._due_blocks())
             ids = [bi for bi in active if bi in due]
@@ -653,6 +662,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # 4. a second evaluation at the new parameters, when the estimator needs it
         if self._evidence.closure:
             self._after_step(closure)
+        if recorder is not None:
+            recorder.forwards = 0
         return loss
 
     def _run_closure_first(self, closure: Callable[[], Any] | None) -> Any:
@@ -753,4 +764,12 @@ def _stale_message(step: int) -> str:
         f"statistics were due at step {step} but step() found no new curvature evidence: call "
         f"opt.update_curvature(outputs, loss=...) before loss.backward() on every step where "
         f"opt.statistics_due() (otherwise the curvature goes stale); strict=True raises instead"
+    )
+
+
+def _partial_message(forwards: int) -> str:
+    return (
+        f"the model ran {forwards} forward passes with gradients before step(); a layer-based estimator "
+        f"reads the records of the last one only, so its statistics came from the last micro-batch "
+        f"(step once per forward, or use an estimator that accumulates: TNT, Shampoo)"
     )

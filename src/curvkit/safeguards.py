@@ -38,6 +38,7 @@ HEALTH_COUNTERS = (
     "momentum_reset",  # momentum buffers found non-finite and reset to zero
     "missing_statistics",  # statistics steps on which step() found no new evidence (stale curvature)
     "missing_evidence",  # statistics updates in which a factored block got no evidence
+    "partial_evidence",  # layer statistics from the last of several micro-batch forwards only
 )
 
 

@@ -58,6 +58,11 @@ MESSAGES = {
         "opt.update_curvature(outputs, loss=...) before loss.backward() on every step where "
         "opt.statistics_due() (otherwise the curvature goes stale); strict=True raises instead"
     ),
+    "partial_evidence": (
+        "the model ran several forward passes with gradients before step(); a layer-based estimator "
+        "reads the records of the last one only, so its statistics came from the last micro-batch "
+        "(step once per forward, or use an estimator that accumulates: TNT, Shampoo)"
+    ),
     "missing_evidence": (
         "a factored block got no evidence on a statistics step (its layer was never called "
         "through its forward, or hooks did not fire under torch.compile); it keeps stale "
