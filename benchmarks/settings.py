@@ -1,6 +1,6 @@
 r"""Default hyperparameters of every (problem, method) pair: the ONE place they are recorded.
 
-Starting points are the TNT paper's MNIST-autoencoder values (DESIGN.md section 3): TNT lr 1e-4,
+Starting points are the TNT paper's MNIST-autoencoder values (Ren & Goldfarb 2021, section 5 and appendix): TNT lr 1e-4,
 :math:`\epsilon` 0.1; KFAC lr 3e-3, :math:`\lambda` 0.3; Shampoo lr 3e-4, :math:`\epsilon` 3e-4;
 K-BFGS lr 0.3, :math:`\lambda` 0.3; statistics every step, inverses every 20 steps. The paper
 ran batch 1000 on 60,000 images; our problems are far smaller (1,438 digits, 2,000 curves), so we
@@ -26,7 +26,7 @@ the final validation loss (nats per character) instead of the training loss; eac
 its grid, 2 to 9 points per method, as run with ``python -m benchmarks.tune --problem char-lm``.
 
 ``mnist-ae`` could not be tuned here (MNIST is not on this machine): it keeps the paper's values;
-SGD-m and Adam, for which DESIGN.md lists no values, get the digits-ae learning rates scaled for
+SGD-m and Adam, for which the paper gives no values at this scale, get the digits-ae learning rates scaled for
 the 784-output summed loss -- treat them as untested and tune with :mod:`benchmarks.tune`.
 """
 
@@ -96,7 +96,7 @@ PROBLEM_DEFAULTS: dict[str, ProblemDefaults] = {
 
 _PAPER_T = {"curvature_every": 1, "invert_every": 20}
 #: Shampoo's roots by eigendecomposition: the same matrices as the authors' coupled Newton
-#: iteration (DESIGN.md 3.2), several times faster on CPU (curves-ae: 1.4 instead of 8.6 s/epoch;
+#: iteration (docs/plugins/shampoo.rst), several times faster on CPU (curves-ae: 1.4 instead of 8.6 s/epoch;
 #: digits-ae: 15.86 vs 16.09 final loss, 0.064 vs 0.105 s/epoch, at the tuned values).
 _ROOT = {"root_solver": "eigen"}
 

@@ -1,4 +1,4 @@
-"""The whole TNT update over several steps against a straightforward reference (DESIGN 3.1).
+"""The whole TNT update over several steps against a straightforward reference (Ren & Goldfarb 2021, Algorithm 1; docs/concepts/methods.rst).
 
 The reference below is written from the algorithm's description only: explicit unfoldings,
 dense Kronecker products and explicit inverses in float64; it shares no code with curvkit.

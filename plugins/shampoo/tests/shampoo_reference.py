@@ -36,7 +36,7 @@ def dense_direction(m: torch.Tensor, roots: list[torch.Tensor | None]) -> torch.
 
 
 class ReferenceShampoo:
-    """Shampoo on one view-shaped tensor, step by step, as DESIGN 3.2 states it."""
+    """Shampoo on one view-shaped tensor, step by step, as Gupta et al. 2018 (Algorithm 2) and docs/plugins/shampoo.rst state it."""
 
     def __init__(self, shape, *, lr, eps, momentum, stat_decay=0.9, accumulate="ema",
                  t1=1, t2=20, relative=False, weight_decay=0.0):
