@@ -72,6 +72,10 @@ OWN_SCHEDULE: dict[str, str] = {
     "through the closure); H_a is inverted exactly once, so there is no T2",
     "KBFGS_L": "as K-BFGS, with H_g the L-BFGS operator of the last 100 pairs (the warm-up covers "
     "100 steps so that the memory is full)",
+    "SOAP": "SOAP updates its Shampoo statistics every step and refreshes the eigenbasis every "
+    "precondition_frequency steps (10, the paper's default); it has no separate T1",
+    "Muon": "Muon keeps no curvature statistics and inverts nothing: one Newton-Schulz "
+    "orthogonalisation per step",
 }
 #: The floor recipe (see :mod:`benchmarks.steptime.floor`) of each method and peer.
 RECIPE_OF: dict[str, str] = {
