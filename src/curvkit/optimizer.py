@@ -354,9 +354,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         due_groups = {gi for gi in range(len(self.param_groups)) if self.statistics_due(gi)}
         return [bi for bi, b in enumerate(self._blocks) if b.group in due_groups]
 
-    def _repair_state(self, block_ids: Sequence[int], *, reason: str) -> list[int]:
+    def _repair_state(self, block_ids: Sequence[int]) -> tuple[list[int], bool]:
         """Restart non-finite statistics and reset non-finite momentum of ``block_ids`` (one
-        host read per device for all of them); returns the ids of the blocks repaired."""
+        host read per device for all of them); returns the ids of the blocks repaired and
+        whether the host read anything."""
         checks: list[tuple[int, str, Tensor]] = []
         for bi in block_ids:
             state = self._state_of(self._blocks[bi])
@@ -366,7 +367,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if isinstance(state.get("momentum"), Tensor):
                 checks.append((bi, "momentum", torch.isfinite(state["momentum"]).all()))
         if not checks:
-            return []
+            return [], False
         by_device: dict[torch.device, list[int]] = defaultdict(list)
         for i, (_, _, flag) in enumerate(checks):
             by_device[flag.device].append(i)
@@ -387,7 +388,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 state["momentum"].zero_()
                 self._health.count(bi, "momentum_reset")
             repaired.append(bi)
-        return repaired
+        return repaired, True
 
     # ------------------------------------------------------------------ evidence
     def update_curvature(
@@ -506,12 +507,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _compute_inverses(self, block_ids: Sequence[int]) -> bool:
         """Repair and invert the factors of ``block_ids``; ``True`` if the host synchronised."""
-        synced = any(
-            any(t.is_floating_point() for t in tensors_in(self._state_of(self._blocks[bi])["estimator"]))
-            or isinstance(self._state_of(self._blocks[bi]).get("momentum"), Tensor)
-            for bi in block_ids
-        )
-        repaired = self._repair_state(block_ids, reason="inversion")
+        repaired, synced = self._repair_state(block_ids)
         requests = []
         for bi in block_ids:
             b = self._blocks[bi]
@@ -720,16 +716,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return False
 
     # ------------------------------------------------------------------ state_dict
-    def _method_signature(self) -> dict[str, Any]:
-        return checkpoint.method_signature(self)
-
     def state_dict(self) -> dict[str, Any]:
         """The state in torch's per-parameter layout (see :mod:`curvkit.engine.checkpoint`):
         tensors and plain Python values that ``torch.load(weights_only=True)`` reads. Pending
         micro-batch evidence is fed first and non-finite statistics are restarted (counted), so
         a checkpoint never holds them."""
         self._collector.flush()
-        self._repair_state(list(range(len(self._blocks))), reason="save")
+        self._repair_state(list(range(len(self._blocks))))
         return checkpoint.save(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

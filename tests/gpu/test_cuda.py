@@ -58,9 +58,8 @@ def test_steady_state_steps_never_synchronise(name):
 
 @pytest.mark.parametrize("name", method_names())
 def test_cuda_matches_cpu(name):
-    if name == "SOAP":  # eigenvectors of (near-)degenerate factors are not unique: CPU and CUDA
-        pytest.skip("eigh may pick different bases of degenerate eigenspaces on CPU and CUDA")
     cpu, gpu = model_on("cpu"), model_on("cuda")
+    start = [p.detach().clone() for p in cpu.parameters()]
     ocpu, ogpu = build(name, cpu, seed=5), build(name, gpu, seed=5)
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
@@ -84,6 +83,13 @@ def test_cuda_matches_cpu(name):
                 o.step(closure)
             else:
                 o.step()
+    if name == "SOAP":
+        # eigenvectors of (near-)degenerate factors are not unique: CPU and CUDA eigh may pick
+        # different bases, so SOAP's steps agree only in kind: finite, and moving the parameters
+        for p, q, s in zip(cpu.parameters(), gpu.parameters(), start):
+            assert bool(torch.isfinite(p).all()) and bool(torch.isfinite(q).all())
+            assert not torch.equal(q.cpu(), s)
+        return
     for p, q in zip(cpu.parameters(), gpu.parameters()):
         torch.testing.assert_close(q.cpu(), p.detach(), rtol=2e-3, atol=2e-4)
 

@@ -194,7 +194,7 @@ def load(opt: "CurvatureOptimizer", state_dict: dict[str, Any], *, strict: bool)
 
 def _validate_loaded(opt: "CurvatureOptimizer", *, strict: bool) -> None:
     """Non-finite statistics or momentum in a loaded state: restart/reset (counted) or raise."""
-    bad = [opt._blocks[bi].name for bi in opt._repair_state(list(range(len(opt._blocks))), reason="load")]
+    bad = [opt._blocks[bi].name for bi in opt._repair_state(list(range(len(opt._blocks))))[0]]
     if bad and strict:
         raise ValueError(
             f"the loaded state holds non-finite statistics or momentum for blocks {bad}; it was saved "

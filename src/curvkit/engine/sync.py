@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
-from torch import Tensor
-
 from .._tree import tensors_in
 
 __all__ = ["StatisticsAverager"]
@@ -34,20 +31,10 @@ class StatisticsAverager:
             )
 
     def average_statistics(self, states: Sequence[dict[str, Any]]) -> None:
-        """Average the floating-point tensors of ``states`` in place."""
-        import torch.distributed as dist
+        """Average the floating-point tensors of ``states`` in place (one all-reduce per dtype
+        and device, through :class:`curvkit.distributed.TorchDistributed`)."""
+        from ..distributed import TorchDistributed
 
         self.check_ready()
         tensors = [t for s in states for t in tensors_in(s) if t.is_floating_point()]
-        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for t in tensors:
-            buckets.setdefault((t.dtype, t.device), []).append(t)
-        world = dist.get_world_size(self.process_group)
-        for group in buckets.values():
-            flat = torch.cat([t.reshape(-1) for t in group])
-            dist.all_reduce(flat, group=self.process_group)
-            flat /= world
-            offset = 0
-            for t in group:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+        TorchDistributed(self.process_group).average_(tensors, call="statistics")
