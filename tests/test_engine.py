@@ -248,23 +248,3 @@ def test_statistics_inside_autocast_are_computed_in_float32_exactly():
     for ba, bb in zip(a.blocks, b.blocks):
         for ga, gb in zip(a.block_state(ba)["estimator"]["grams"], b.block_state(bb)["estimator"]["grams"]):
             assert ga.dtype == torch.float32 and torch.equal(ga, gb)
-
-
-def test_layer_estimators_say_when_micro_batch_records_were_replaced():
-    """KFAC with empirical evidence reads the layer records of the last forward: with gradient
-    accumulation over several forwards that is the last micro-batch only -- counted and warned,
-    never silent."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = curvkit.compose(model, estimator="kfac", estimator_options={"evidence": "empirical"}, lr=1e-2)
-    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    opt.zero_grad()
-    for sl in (slice(0, 4), slice(4, 8)):
-        nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
-    with pytest.warns(curvkit.CurvkitWarning, match="last micro-batch"):
-        opt.step()
-    assert sum(h["partial_evidence"] for h in opt.health().values()) == 2
-    opt.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()  # one forward per step: nothing to say
-    assert sum(h["partial_evidence"] for h in opt.health().values()) == 2

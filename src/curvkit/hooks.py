@@ -8,7 +8,9 @@ on each output that keeps its gradient. Gradients are filed under the current *p
 ``"sampled"`` while the optimizer runs the sampled-target backward (:meth:`LayerRecorder.phase`),
 ``"minibatch"`` otherwise. A forward pre-hook on the root model clears the records at the start of
 every forward pass, so records never outlive one forward/backward cycle and a module called
-several times in one forward gets one entry per call.
+several times in one forward gets one entry per call. Before the records of a forward pass are
+dropped, an optional callback (:meth:`LayerRecorder.on_replace`) may read them: the optimizer
+gathers there the statistics of a finished micro-batch under gradient accumulation.
 
 Records are only taken while gradients are enabled (not under ``torch.no_grad``), so evaluation
 passes cost nothing.
@@ -104,9 +106,12 @@ class _ClearHook(_RecorderHook):
     def __call__(self, module: nn.Module, args: tuple) -> None:
         recorder = self._recorder()
         if recorder is not None:
+            if torch.is_grad_enabled():
+                recorder._before_replace()
             recorder.clear()
             if torch.is_grad_enabled():
                 recorder.forwards += 1
+                recorder.forward_id += 1
 
 
 class _GradHook(_RecorderHook):
@@ -152,6 +157,13 @@ class LayerRecorder:
         #: Forward passes of the root with gradients enabled since the optimizer last reset it
         #: (more than one before a ``step()`` means micro-batches whose records were replaced).
         self.forwards = 0
+        #: Forward passes of the root with gradients enabled since the recorder was built (never
+        #: reset): tells whether the current records were already read.
+        self.forward_id = 0
+        #: Called (weakly held) at the start of a forward pass with gradients enabled, before
+        #: the records of the previous one are dropped: the optimizer gathers the statistics of
+        #: a finished micro-batch there (see :meth:`on_replace`).
+        self._on_replace: "weakref.WeakMethod | None" = None
         #: (record, call index, output) of the current forward, for :meth:`differentiate`.
         self._live: list[tuple[LayerRecord, int, Tensor]] = []
         self._handles: list[Any] = [m.register_forward_hook(_ForwardHook(self)) for m in self.records]
@@ -160,6 +172,17 @@ class LayerRecorder:
         # removes the hooks from the model once the recorder is garbage collected (holds only the
         # handle list, never the recorder)
         self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+
+    def on_replace(self, callback: Callable[[], None] | None) -> None:
+        """Call the bound method ``callback`` at the start of every forward pass with gradients
+        enabled, before the previous pass's records are dropped (held weakly: it never keeps
+        its owner alive). ``None`` removes it."""
+        self._on_replace = None if callback is None else weakref.WeakMethod(callback)  # type: ignore[arg-type]
+
+    def _before_replace(self) -> None:
+        callback = None if self._on_replace is None else self._on_replace()
+        if callback is not None:
+            callback()
 
     def __getitem__(self, module: nn.Module) -> LayerRecord:
         return self.records[module]

@@ -190,6 +190,17 @@ class CurvatureEstimator(Part):
     Estimators that need layer data override :meth:`plan` (to build blocks from modules) and
     declare ``layer_io`` in :attr:`evidence`. Estimators that need a second evaluation after the
     step (K-BFGS) declare ``closure`` and implement :meth:`after_step`.
+
+    **Micro-batch accumulation.** An estimator whose per-batch statistic is a mean over examples
+    can split :meth:`update` into :meth:`batch_statistics` (the *additive* statistics of one
+    batch: sums over its examples together with their counts, so that the statistics of several
+    micro-batches are the entrywise sum of theirs) and :meth:`fold` (normalise the sums and fold
+    them into the running statistics). The optimizer then gathers the sums of every micro-batch
+    of a step -- one forward/backward per micro-batch, several before one ``step()`` -- and folds
+    them once, so the step's statistic is the example-weighted mean over the whole batch,
+    :math:`\hat S = \sum_i \Sigma_i / \sum_i n_i`, exactly as if the micro-batches had been
+    one batch. Layer-based estimators need this: their evidence (the layer records) lives for
+    one forward pass only. :attr:`accumulates` says whether an estimator implements it.
     """
 
     #: Whether the statistics are linear in the evidence (so that averaging them over ranks
@@ -253,6 +264,35 @@ class CurvatureEstimator(Part):
             hooks never fired); the optimizer counts it as ``missing_evidence`` and warns.
             ``None`` or ``True`` otherwise.
         """
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether the estimator implements :meth:`batch_statistics` and :meth:`fold` (its
+        statistics accumulate exactly over micro-batches)."""
+        return type(self).batch_statistics is not CurvatureEstimator.batch_statistics
+
+    def batch_statistics(
+        self, block: "Block", state: dict[str, Any], evidence: BlockEvidence
+    ) -> dict[str, Any] | bool | None:
+        """The additive statistics of one batch of evidence, without touching ``state``.
+
+        Returns:
+            A dict of tensors and numbers (sums over the batch's examples and their counts) such
+            that the entrywise sum of the dicts of several micro-batches is the dict of their
+            union; ``None`` when the block has nothing to estimate; ``False`` when it should
+            have got evidence and got none (see :meth:`update`).
+
+        Raises:
+            NotImplementedError: for estimators that do not accumulate (the default).
+        """
+        raise NotImplementedError(f"estimator {self.name or type(self).__name__!r} does not accumulate micro-batches")
+
+    def fold(
+        self, block: "Block", state: dict[str, Any], statistics: dict[str, Any], *, decay: float | None = None
+    ) -> None:
+        """Normalise summed :meth:`batch_statistics` (of one or several micro-batches) and fold
+        them into ``state`` with the averaging rule of :meth:`update` (``decay`` as there)."""
+        raise NotImplementedError(f"estimator {self.name or type(self).__name__!r} does not accumulate micro-batches")
 
     @abstractmethod
     def factors(self, block: "Block", state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:

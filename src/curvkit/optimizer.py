@@ -192,6 +192,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             estimator, self._blocks, self._states.estimator_state, self._run, self._health,
             model=model, nonfinite=nonfinite, seed=self._seed,
         )
+        self._collector.due_blocks = weakref.WeakMethod(self._due_blocks)
         self._distributor = self._make_distributor(process_group, distributed, sync_statistics)
         self.divide_inverses = bool(divide_inverses) and self._distributor is not None
         self._collector.sync_statistics = sync_statistics or self._distributor is not None
@@ -410,9 +411,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         with no statistics due it returns ``False`` at once and retains nothing. For estimators
         that read the minibatch gradient it is a no-op (they collect in :meth:`step`).
 
-        Gradient accumulation: call it once per micro-batch; for estimators that read parameter
-        gradients the evidence is the batch-size weighted mean over the micro-batches, fed when
-        :meth:`step` runs (as if the whole batch had been one).
+        Gradient accumulation: call it once per micro-batch (after each micro-batch's forward);
+        for estimators that read parameter gradients the evidence is the batch-size weighted mean
+        over the micro-batches, and layer estimators that accumulate (KFAC) sum each
+        micro-batch's statistics over its examples; either is folded once when :meth:`step`
+        runs, as if the whole batch had been one.
 
         Low-level form: ``update_curvature(grads=[...])`` feeds one curvature gradient per
         parameter (in parameter order across groups; ``None`` to skip one) directly.
@@ -614,8 +617,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         # 1. evidence: the minibatch gradient (when the estimator reads it), pending micro-batches
         recorder = self._collector.recorder
+        accumulates = self._evidence.layer_io and self.estimator.accumulates
         if (
-            recorder is not None and self._evidence.source is Source.MINIBATCH
+            recorder is not None and self._evidence.source is Source.MINIBATCH and not accumulates
             and getattr(recorder, "forwards", 0) > 1 and self._run.stats_taken_at != t and self._due_blocks()
         ):  # records of earlier micro-batches were replaced by the last forward's
             for bi in self._due_blocks():
@@ -625,7 +629,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._evidence.source is Source.MINIBATCH and self._run.stats_taken_at != t:
             due = set(self._due_blocks())
             ids = [bi for bi in active if bi in due]
-            if ids:
+            if ids and accumulates:  # the last micro-batch's records, with the earlier ones' sums
+                self._collector.harvest(ids, batch_size=None)
+                self._run.stats_taken_at = t
+            elif ids:
                 self._collector.feed(ids, {id(p): p.grad for bi in ids for p in self._blocks[bi].params})
                 self._run.stats_taken_at = t
         self._collector.flush(self._due_blocks() if self._distributor is not None else None, strict=self.strict)
@@ -749,6 +756,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             else:
                 self._param_names = {id(b.params[0]): b.name for b in self._blocks if len(b.params) == 1}
             self._used_grads = {}
+            self._collector.due_blocks = weakref.WeakMethod(self._due_blocks)
             self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
 
 
@@ -764,5 +772,5 @@ def _partial_message(forwards: int) -> str:
     return (
         f"the model ran {forwards} forward passes with gradients before step(); a layer-based estimator "
         f"reads the records of the last one only, so its statistics came from the last micro-batch "
-        f"(step once per forward, or use an estimator that accumulates: TNT, Shampoo)"
+        f"(step once per forward, or use an estimator that accumulates micro-batches: TNT, KFAC, Shampoo)"
     )

@@ -14,6 +14,13 @@ several ``update_curvature`` calls before one ``step()`` are accumulated as the 
 weighted mean :math:`\bar g = \sum_i n_i g_i / \sum_i n_i` -- the sampled gradient of the whole
 batch -- and fed once, when ``step()`` runs (or when the state is inspected).
 
+Layer estimators that accumulate (:attr:`~curvkit.CurvatureEstimator.accumulates`, KFAC) get
+the same over micro-batches: the additive :meth:`~curvkit.CurvatureEstimator.batch_statistics`
+of each micro-batch are gathered while its layer records exist -- right after the sampled
+backward, or, for minibatch evidence, when the next forward pass is about to replace the
+records of a micro-batch whose backward ran (and in ``step()`` for the last one) -- summed, and
+folded once by :meth:`~curvkit.CurvatureEstimator.fold` when ``step()`` runs.
+
 Feeding is fault-tolerant without host reads: each block's evidence gets a device flag (finite
 or not, from one fused norm per dtype and device); non-finite evidence is replaced by zeros and
 the flag goes to the estimator as ``BlockEvidence.valid``, and the fault is counted
@@ -106,11 +113,21 @@ class EvidenceCollector:
         self._pending: dict[int, Tensor] = {}
         self._pending_n = 0
         self._pending_step = -1
+        #: A weak reference to the optimizer's ``() -> block ids due for statistics now`` (set by
+        #: the optimizer, not pickled; weak, so the optimizer's finaliser can run).
+        self.due_blocks: Callable[[], Callable[[], list[int]] | None] | None = None
+        # pending layer statistics (accumulating layer estimators): summed per block
+        self._layer_sums: dict[int, dict[str, Any]] = {}
+        self._layer_due: set[int] = set()
+        self._layer_missing: set[int] = set()
+        self._harvested_id = -1
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["recorder"] = None  # hooks are rebuilt on the (copied) model
+        state["due_blocks"] = None  # the optimizer sets it again
+        state["_harvested_id"] = -1
         state["generators"] = {k: g.get_state() for k, g in self.generators.items()}
         return state
 
@@ -137,6 +154,9 @@ class EvidenceCollector:
                 if m is not None and m not in modules:
                     modules.append(m)
         self.recorder = LayerRecorder(modules, root=self.model, keep_outputs=self.spec.layer_outputs)
+        self._harvested_id = -1
+        if self.spec.source is Source.MINIBATCH and self.estimator.accumulates:
+            self.recorder.on_replace(self._harvest_finished)
 
     def close(self) -> None:
         """Remove the recorder's hooks."""
@@ -164,7 +184,7 @@ class EvidenceCollector:
         run = self.run
         if self.sync_statistics and hasattr(self.distributor, "check_ready"):
             self.distributor.check_ready()
-        if run.stats_taken_at == run.step and not self._pending_ids:
+        if run.stats_taken_at == run.step and not self._pending_ids and not self._layer_due:
             raise RuntimeError(
                 "update_curvature was already called for this step and its evidence was already used "
                 "(the state was inspected or the estimator needs layer records per call); call it once "
@@ -178,6 +198,12 @@ class EvidenceCollector:
         params = [p for bi in due for p in self.blocks[bi].params if p.requires_grad]
         if not params:
             return False
+        accumulate_layers = self.spec.layer_io and self.estimator.accumulates and self.recorder is not None
+        if accumulate_layers and self.recorder.forward_id == self._harvested_id:
+            raise RuntimeError(
+                "update_curvature was already called for this forward pass: call it once per forward "
+                "(micro-batch) before its backward; several micro-batches before one step() accumulate"
+            )
         value = sampled_loss(outputs, loss, reduction=reduction, generator=self.generator(outputs.device), **loss_options)
         batch = int(outputs.shape[0]) if outputs.dim() > 0 else 1
         try:
@@ -195,7 +221,9 @@ class EvidenceCollector:
                 ) from exc
             raise
         by_param = {id(p): g for p, g in zip(params, grads)}
-        if self.spec.layer_io:  # layer records are per forward: feed now
+        if accumulate_layers:  # layer records live for one forward: gather their sums now
+            self.harvest(due, batch_size=batch)
+        elif self.spec.layer_io:  # layer records are per forward: feed now
             if run.stats_taken_at == run.step:
                 raise RuntimeError(
                     f"update_curvature was already called for this step; estimator {self.estimator.name!r} "
@@ -229,6 +257,82 @@ class EvidenceCollector:
         self._pending_n = total
         self.run.pending_batches += 1
 
+    # ------------------------------------------------------------------ layer statistics
+    def harvest(self, due: Sequence[int], *, batch_size: int | None) -> bool:
+        """Add the :meth:`~curvkit.CurvatureEstimator.batch_statistics` of the current layer
+        records (one micro-batch) for blocks ``due`` to the pending sums; each forward pass is
+        read once. Returns whether any block got statistics."""
+        recorder = self.recorder
+        if recorder is None or recorder.forward_id == self._harvested_id:
+            return False
+        self._harvested_id = recorder.forward_id
+        got = False
+        with torch.no_grad(), _no_autocast([self.blocks[bi] for bi in due]):
+            for bi in due:
+                b = self.blocks[bi]
+                stats = self.estimator.batch_statistics(
+                    b, self.states(b), BlockEvidence(gradients=[None] * len(b.params), layer=recorder, batch_size=batch_size)
+                )
+                if stats is None:
+                    continue
+                self._layer_due.add(bi)
+                if stats is False:
+                    self._layer_missing.add(bi)
+                    continue
+                got = True
+                sums = self._layer_sums.get(bi)
+                if sums is None:
+                    self._layer_sums[bi] = dict(stats)
+                else:
+                    for key, value in stats.items():
+                        if value is None:
+                            continue
+                        if isinstance(value, Tensor):
+                            sums[key].add_(value)
+                        else:
+                            sums[key] = sums[key] + value
+        if got:
+            self.run.pending_batches += 1
+        return got
+
+    def _harvest_finished(self) -> None:
+        """Recorder callback before a forward replaces the records: gather a finished
+        micro-batch's statistics (its backward ran) if statistics are due at this step."""
+        due_blocks = None if self.due_blocks is None else self.due_blocks()
+        if due_blocks is None or self.run.stats_taken_at == self.run.step:
+            return
+        due = [bi for bi in due_blocks() if any(p.grad is not None for p in self.blocks[bi].params)]
+        if due:
+            self.harvest(due, batch_size=None)
+
+    def _fold_layers(self) -> None:
+        """Fold the summed layer statistics of every micro-batch (the example-weighted mean)."""
+        ids = sorted(self._layer_due)
+        sums, missing = self._layer_sums, self._layer_missing
+        self._layer_sums, self._layer_due, self._layer_missing = {}, set(), set()
+        self.run.pending_batches = 0
+        with torch.no_grad():
+            for bi in ids:
+                b = self.blocks[bi]
+                if bi in sums:
+                    self.estimator.fold(b, self.states(b), sums[bi])
+                    self.run.ever_had_stats = True
+                elif bi in missing:
+                    self._missing(bi, b)
+        folded = [bi for bi in ids if bi in sums]
+        if folded:
+            self._average_states(folded)
+
+    def _missing(self, bi: int, b: Block) -> None:
+        self.health.count(bi, "missing_evidence")
+        self.health.warn_once(
+            "missing_evidence",
+            f"block {b.name!r} is planned with curvature factors but got no evidence on a "
+            f"statistics step (its layer was never called through its forward, or hooks did "
+            f"not fire under torch.compile); it keeps stale statistics -- see opt.block_plan()",
+            stacklevel=6,
+        )
+
     def flush(self, due: Sequence[int] | None = None, *, strict: bool = False) -> None:
         """Feed accumulated sampled evidence (the batch-size weighted mean) to the estimator.
 
@@ -238,6 +342,8 @@ class EvidenceCollector:
         skipped ``update_curvature`` no longer aborts or hangs the others). With ``strict``,
         every rank raises together when any rank collected nothing.
         """
+        if self._layer_due:
+            self._fold_layers()
         distributed = self.distributor is not None and self.sync_statistics and hasattr(self.distributor, "average_")
         missing_here = False
         if (
@@ -342,17 +448,15 @@ class EvidenceCollector:
                     b, self.states(b), BlockEvidence(gradients=gl, layer=layer, batch_size=batch_size, valid=v), decay=decay
                 )
                 if result is False:
-                    self.health.count(bi, "missing_evidence")
-                    self.health.warn_once(
-                        "missing_evidence",
-                        f"block {b.name!r} is planned with curvature factors but got no evidence on a "
-                        f"statistics step (its layer was never called through its forward, or hooks did "
-                        f"not fire under torch.compile); it keeps stale statistics -- see opt.block_plan()",
-                        stacklevel=5,
-                    )
+                    self._missing(bi, b)
                 else:
                     self.run.ever_had_stats = True
-        if self.sync_statistics and self.distributor is not None and not averaged:
+        if not averaged:
+            self._average_states(block_ids)
+
+    def _average_states(self, block_ids: Sequence[int]) -> None:
+        """Under a distributor, average the statistics of ``block_ids`` over the ranks."""
+        if self.sync_statistics and self.distributor is not None:
             states = [self.states(self.blocks[bi]) for bi in block_ids]
             if hasattr(self.distributor, "average_statistics"):
                 self.distributor.average_statistics(states)

@@ -193,6 +193,7 @@ class KFACEstimator(CurvatureEstimator):
         :math:`S \leftarrow \text{decay}\, S + (1 - \text{decay})\, \hat S` (``decay=None``: 0 on the
         first update, ``stat_decay`` after). Reads the output gradients of the ``"sampled"`` or
         ``"minibatch"`` phase, as ``evidence`` says (every use of a tied weight contributes).
+        It is :meth:`batch_statistics` followed by :meth:`fold`.
 
         Returns:
             ``False`` when the block's layer got no complete record (input and output gradient)
@@ -201,6 +202,25 @@ class KFACEstimator(CurvatureEstimator):
             ``torch.compile`` graphs); the statistics are left as they are and the optimizer
             counts the block's ``missing_evidence``. ``None`` otherwise.
         """
+        stats = self.batch_statistics(block, state, evidence)
+        if stats is None or stats is False:
+            return stats
+        self.fold(block, state, stats, decay=decay)
+        return None
+
+    @torch.no_grad()
+    def batch_statistics(self, block: Block, state: dict[str, Any], evidence: BlockEvidence) -> dict[str, Any] | bool | None:
+        r"""The sums of one batch: ``A`` :math:`= \sum a a^\top` over its rows (with the
+        homogeneous 1), ``G`` :math:`= \sum g g^\top` and the counts ``examples``, ``rows``.
+
+        With sampled evidence each micro-batch's output gradients are brought to per-example
+        scale by its own :math:`c` (the sampled loss is that micro-batch's mean) before they are
+        summed. With empirical evidence ``G`` stays unscaled and ``batch`` counts the examples:
+        :meth:`fold` scales by :math:`c` = the examples of *all* micro-batches, since a loop that
+        accumulates gradients divides each micro-batch's loss by their number (so that the
+        accumulated gradient is the mean over the whole batch), as Lightning and Hugging Face's
+        ``Trainer`` do; give ``gradient_scale`` otherwise.
+        """
         if block.module is None:
             return None
         if evidence.layer is None:
@@ -208,7 +228,8 @@ class KFACEstimator(CurvatureEstimator):
         A, G = state["A"], state["G"]
         if A is None and G is None:  # both modes unfactored: nothing to estimate
             return None
-        phase = "sampled" if self.config.evidence == "sampled" else "minibatch"
+        sampled = self.config.evidence == "sampled"
+        phase = "sampled" if sampled else "minibatch"
         calls = []
         for module in layer_modules(block):
             record = evidence.layer.records.get(module)
@@ -218,9 +239,22 @@ class KFACEstimator(CurvatureEstimator):
             return False
         dtype = (A if A is not None else G).dtype
         scale = self._gradient_scale(evidence, calls[0][1])
+        out: dict[str, Any] = {"batch": 0.0 if sampled else scale}
+        g_weight = scale * scale if sampled else 1.0
         if _is_embedding(block):
-            self._update_embedding(state, calls, dtype, scale, decay)
-            return None
+            counts = None if A is None else torch.zeros_like(A)
+            g_sum = None if G is None else torch.zeros_like(G)
+            rows = 0
+            for _, ids, grad in calls:
+                ids = ids.reshape(-1)
+                g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+                rows += ids.shape[0]
+                if counts is not None:
+                    counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=dtype, device=ids.device))
+                if g_sum is not None:
+                    g_sum.addmm_(g.T, g, alpha=g_weight)
+            out.update(A=counts, G=g_sum, examples=rows, rows=rows)
+            return out
         has_bias = len(block.params) == 2
         a_sum = None if A is None else torch.zeros_like(A)
         g_sum = None if G is None else torch.zeros_like(G)
@@ -238,41 +272,28 @@ class KFACEstimator(CurvatureEstimator):
                     a_sum[d, :d] += col
                     a_sum[d, d] += a.shape[0]
             if g_sum is not None:
-                g_sum.addmm_(r.gradients.T, r.gradients)
-        if decay is None:
-            decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
-        weight = 1.0 - decay
-        if A is not None:
-            A.mul_(decay).add_(a_sum, alpha=weight / examples)
-        if G is not None:
-            G.mul_(decay).add_(g_sum, alpha=weight * scale * scale / rows)
-        state["updates"] += 1
-        return None
+                g_sum.addmm_(r.gradients.T, r.gradients, alpha=g_weight)
+        out.update(A=a_sum, G=g_sum, examples=examples, rows=rows)
+        return out
 
-    def _update_embedding(self, state: dict[str, Any], calls: list, dtype: torch.dtype, scale: float,
-                          decay: float | None) -> None:
-        r"""``nn.Embedding``: the input of a row is the one-hot vector of its token, so
-        :math:`\hat A = \frac1n \sum e_t e_t^\top = \mathrm{diag}(\text{counts}) / n` (kept as its
-        diagonal) and :math:`\hat G = \frac{c^2}{n} \sum g g^\top` over the ``dim`` outputs."""
+    @torch.no_grad()
+    def fold(self, block: Block, state: dict[str, Any], statistics: dict[str, Any], *, decay: float | None = None) -> None:
+        r""":math:`\hat A = A_\Sigma / n`, :math:`\hat G = c^2 G_\Sigma / r` (``c`` = 1 for sampled
+        sums, already scaled; else ``gradient_scale`` or the summed ``batch``), folded by the EMA
+        (``decay=None``: 0 on the first update, ``stat_decay`` after)."""
         A, G = state["A"], state["G"]
-        counts = None if A is None else torch.zeros_like(A)
-        g_sum = None if G is None else torch.zeros_like(G)
-        rows = 0
-        for _, ids, grad in calls:
-            ids = ids.reshape(-1)
-            g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-            rows += ids.shape[0]
-            if counts is not None:
-                counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=dtype, device=ids.device))
-            if g_sum is not None:
-                g_sum.addmm_(g.T, g)
         if decay is None:
             decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
         weight = 1.0 - decay
+        c2 = 1.0
+        if self.config.evidence != "sampled":
+            c = float(self.config.gradient_scale) if self.config.gradient_scale is not None else float(statistics["batch"])
+            c2 = c * c
         if A is not None:
-            A.mul_(decay).add_(counts, alpha=weight / rows)
+            denominator = statistics["rows"] if _is_embedding(block) else statistics["examples"]
+            A.mul_(decay).add_(statistics["A"], alpha=weight / denominator)
         if G is not None:
-            G.mul_(decay).add_(g_sum, alpha=weight * scale * scale / rows)
+            G.mul_(decay).add_(statistics["G"], alpha=weight * c2 / statistics["rows"])
         state["updates"] += 1
 
     def _gradient_scale(self, evidence: BlockEvidence, first_input: Tensor) -> float:
