@@ -5,44 +5,16 @@ from __future__ import annotations
 
 import copy
 import warnings
-from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import nn
 
 import curvkit
+from curvkit.testing import count_host_reads
 from tests.methods_under_test import build, build_with_period, method_names, tiny_model, train_step
 
 D = torch.float64
-
-
-@contextmanager
-def count_host_reads():
-    """Count Tensor.item / tolist / __bool__ / __float__ / __int__ calls (the host reads)."""
-    counts = {"n": 0, "where": []}
-    names = ["item", "tolist", "__bool__", "__float__", "__int__"]
-    originals = {n: getattr(torch.Tensor, n) for n in names}
-
-    def wrap(name):
-        orig = originals[name]
-
-        def f(self, *a, **k):
-            counts["n"] += 1
-            import traceback
-
-            counts["where"].append((name, traceback.format_stack(limit=4)[0].strip()))
-            return orig(self, *a, **k)
-
-        return f
-
-    for n in names:
-        setattr(torch.Tensor, n, wrap(n))
-    try:
-        yield counts
-    finally:
-        for n, f in originals.items():
-            setattr(torch.Tensor, n, f)
 
 
 @pytest.mark.parametrize("name", method_names())
@@ -60,7 +32,7 @@ def test_steady_state_steps_read_nothing_on_the_host(name):
         with count_host_reads() as counts:
             train_step(model, opt, x, y)
         counted += 1
-        assert counts["n"] == 0, (name, counts["where"][:8])
+        assert counts.count == 0, (name, counts.where[:8])
     assert counted == 2
 
 

@@ -6,6 +6,8 @@ A preset is a composition, not a subclass: ``TNT`` is ``tensor_normal`` + ``kron
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Iterable, Mapping
 
 from torch import nn
@@ -62,6 +64,13 @@ def compose(
             (validated by its config).
         **options: options of :class:`CurvatureOptimizer` (``lr``, ``momentum``, ``damping``, ...).
     """
+    known = set(inspect.signature(CurvatureOptimizer.__init__).parameters) - {"self", "params", "estimator", "preconditioner", "inverter"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown optimizer option(s) {unknown}; the options of CurvatureOptimizer are {sorted(known)} "
+            f"(part options go in estimator_options=, preconditioner_options=, inverter_options=)"
+        )
     est = build_part("estimator", estimator, estimator_options)
     pre = build_part("preconditioner", preconditioner, preconditioner_options)
     inv = build_part("inverter", inverter, inverter_options)

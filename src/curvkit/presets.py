@@ -113,8 +113,7 @@ def SOAP(
     route_unmodelled: str | None = None,
     unmodelled: Sequence[str] = (),
     model: nn.Module | None = None,
-    nonfinite: str = "skip",
-    seed: int | None = None,
+    **options: Any,
 ) -> CurvatureOptimizer:
     r"""SOAP: Shampoo with Adam in the Preconditioner's eigenbasis (Vyas et al., 2024,
     arXiv 2409.11321).
@@ -158,7 +157,7 @@ def SOAP(
         preconditioner_options=pre_opts,
         lr=lr, momentum=b1, dampening=b1, weight_decay=weight_decay, damping=1e-12,
         curvature_every=1, invert_every=precondition_frequency, max_factor_dim=max_precond_dim,
-        model=model, nonfinite=nonfinite, seed=seed,
+        model=model, **options,
     )
 
 
@@ -178,8 +177,7 @@ def KL_Shampoo(
     route_unmodelled: str | None = None,
     unmodelled: Sequence[str] = (),
     model: nn.Module | None = None,
-    nonfinite: str = "skip",
-    seed: int | None = None,
+    **options: Any,
 ) -> CurvatureOptimizer:
     r"""KL-Shampoo (Lin et al., 2025, arXiv 2509.03378): Shampoo's factors re-derived as the
     Kullback--Leibler (maximum-likelihood) fit of a Kronecker covariance to the minibatch gradient.
@@ -218,7 +216,7 @@ def KL_Shampoo(
         preconditioner_options=pre_opts,
         lr=lr, momentum=momentum, dampening=momentum, weight_decay=weight_decay, damping=damping,
         curvature_every=1, invert_every=invert_every, max_factor_dim=max_factor_dim,
-        model=model, nonfinite=nonfinite, seed=seed,
+        model=model, **options,
     )
 
 
@@ -239,9 +237,7 @@ def TNT_KL(
     route_unmodelled: str | None = None,
     unmodelled: Sequence[str] = (),
     model: nn.Module | None = None,
-    nonfinite: str = "skip",
-    seed: int | None = None,
-    sync_statistics: bool = False,
+    **options: Any,
 ) -> CurvatureOptimizer:
     r"""TNT with the maximum-likelihood (KL) estimate of its tensor-normal covariance.
 
@@ -272,7 +268,7 @@ def TNT_KL(
         preconditioner_options=pre_opts,
         lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
         curvature_every=curvature_every, invert_every=invert_every, max_factor_dim=max_factor_dim,
-        model=model, nonfinite=nonfinite, seed=seed, sync_statistics=sync_statistics,
+        model=model, **options,
     )
 
 
@@ -295,8 +291,7 @@ def Muon(
     adamw_betas: Sequence[float] = (0.9, 0.999),
     adamw_eps: float = 1e-8,
     model: nn.Module | None = None,
-    nonfinite: str = "skip",
-    seed: int | None = None,
+    **options: Any,
 ) -> CurvatureOptimizer:
     r"""Muon (Jordan et al., 2024; Liu et al., 2025, arXiv 2502.16982): orthogonalised Nesterov
     momentum for matrices, AdamW for the rest, in one optimizer.
@@ -343,5 +338,5 @@ def Muon(
         preconditioner=pre,
         preconditioner_options=pre_opts,
         lr=lr, momentum=momentum, dampening=momentum, weight_decay=weight_decay, damping=1.0,
-        curvature_every=1, invert_every=1, max_factor_dim=None, model=model, nonfinite=nonfinite, seed=seed,
+        curvature_every=1, invert_every=1, max_factor_dim=None, model=model, **options,
     )

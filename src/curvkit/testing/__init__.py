@@ -29,11 +29,14 @@ Checks:
   evidence path: symmetric PSD factors of the view shapes, zero and rank-deficient evidence,
   exact resume, state validation, misuse errors, the explicit-decay contract.
 * :func:`check_method`: a preset trains without NaN and resumes bit for bit.
+* :func:`count_host_reads`: counts host reads of tensor values (device synchronisations) in a block
+  of code, or in given methods only.
 """
 
 from ._common import ConformanceError, Problem, default_data, default_model, random_psd, roundtrip, train_step
 from .cases import check_part, conformance_cases
 from .estimators import check_estimator
+from .host_reads import HOST_READS, HostReads, count_host_reads
 from .inverters import check_inverter
 from .methods import check_method
 from .preconditioners import check_preconditioner, make_block
@@ -41,6 +44,8 @@ from .resume import check_exact_resume
 
 __all__ = [
     "ConformanceError",
+    "HOST_READS",
+    "HostReads",
     "Problem",
     "check_estimator",
     "check_exact_resume",
@@ -49,6 +54,7 @@ __all__ = [
     "check_part",
     "check_preconditioner",
     "conformance_cases",
+    "count_host_reads",
     "default_data",
     "default_model",
     "make_block",

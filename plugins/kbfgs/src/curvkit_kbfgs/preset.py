@@ -81,11 +81,11 @@ def KBFGS(
     lm: str = "interpolate",
     skip_tol: float = 1e-4,
     unsupported: str = "fallback",
+    memory: int | None = None,
     curvature_every: int = 1,
     invert_every: int = 1,
     max_factor_dim: int | None = 4096,
-    nonfinite: str = "skip",
-    seed: int | None = None,
+    **options: Any,
 ) -> CurvatureOptimizer:
     r"""K-BFGS (Goldfarb, Ren & Bahamou, NeurIPS 2020): dense BFGS :math:`H_g` and :math:`H_a` per
     Linear layer, direction :math:`H_g M H_a` (module docstring for the defaults and the loop).
@@ -96,58 +96,34 @@ def KBFGS(
         model: the model whose Linear layers are watched (required unless it is the first argument).
         lr, damping, momentum, dampening, weight_decay: options of
             :class:`curvkit.CurvatureOptimizer` (``damping`` is :math:`\lambda`).
-        curvature_every, invert_every, max_factor_dim, nonfinite, seed: options of
+        memory: ``None`` keeps :math:`H_g` as a dense matrix (K-BFGS); an integer keeps the last
+            ``memory`` pairs as an L-BFGS operator (K-BFGS(L), :func:`KBFGSL`).
+        curvature_every, invert_every, max_factor_dim: options of
             :class:`curvkit.CurvatureOptimizer` (``curvature_every`` schedules the ``A``
             statistics, ``invert_every`` how often the direction picks up the current
             :math:`H_g, H_a`).
         stat_decay, pair_decay, powell, lm, skip_tol, unsupported: options of
             :class:`curvkit_kbfgs.KBFGSEstimator` (see :class:`curvkit_kbfgs.KBFGSConfig`).
+        options: any other option of :class:`curvkit.CurvatureOptimizer` (``nonfinite``,
+            ``seed``, ``strict``, ...).
     """
     return _build(
-        "KBFGS", model_or_params, model,
-        dict(stat_decay=stat_decay, pair_decay=pair_decay, powell=powell, lm=lm, memory=None,
+        "KBFGS" if memory is None else "KBFGS_L", model_or_params, model,
+        dict(stat_decay=stat_decay, pair_decay=pair_decay, powell=powell, lm=lm, memory=memory,
              skip_tol=skip_tol, unsupported=unsupported),
         lr=lr, damping=damping, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
         curvature_every=curvature_every, invert_every=invert_every, max_factor_dim=max_factor_dim,
-        nonfinite=nonfinite, seed=seed,
+        **options,
     )
 
 
 @register("method", "KBFGS_L")
-def KBFGSL(
-    model_or_params: nn.Module | Iterable[Any],
-    *,
-    model: nn.Module | None = None,
-    lr: float = 0.3,
-    damping: float = 0.3,
-    momentum: float = 0.9,
-    dampening: float = 0.9,
-    weight_decay: float = 0.0,
-    memory: int = 100,
-    stat_decay: float = 0.9,
-    pair_decay: float = 0.9,
-    powell: float = 0.2,
-    lm: str = "interpolate",
-    skip_tol: float = 1e-4,
-    unsupported: str = "fallback",
-    curvature_every: int = 1,
-    invert_every: int = 1,
-    max_factor_dim: int | None = 4096,
-    nonfinite: str = "skip",
-    seed: int | None = None,
-) -> CurvatureOptimizer:
+def KBFGSL(model_or_params: nn.Module | Iterable[Any], *, memory: int = 100, **options: Any) -> CurvatureOptimizer:
     r"""K-BFGS(L): as :func:`KBFGS` with :math:`H_g` an L-BFGS operator of the last ``memory``
     pairs (100 in the paper), materialised when the direction needs it.
 
     Args:
         memory: the number of pairs kept per layer.
-        others: as in :func:`KBFGS`.
+        options: as in :func:`KBFGS` (same defaults).
     """
-    return _build(
-        "KBFGS_L", model_or_params, model,
-        dict(stat_decay=stat_decay, pair_decay=pair_decay, powell=powell, lm=lm, memory=memory,
-             skip_tol=skip_tol, unsupported=unsupported),
-        lr=lr, damping=damping, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-        curvature_every=curvature_every, invert_every=invert_every, max_factor_dim=max_factor_dim,
-        nonfinite=nonfinite, seed=seed,
-    )
+    return KBFGS(model_or_params, memory=memory, **options)

@@ -37,8 +37,7 @@ def KFAC(
     gradient_scale: float | None = None,
     inverter: str = "damped_eigen",
     max_factor_dim: int | None = 4096,
-    nonfinite: str = "skip",
-    seed: int | None = None,
+    **options: Any,
 ) -> CurvatureOptimizer:
     r"""KFAC (Martens & Grosse, 2015) with the settings of the TNT paper's MNIST comparison.
 
@@ -71,8 +70,8 @@ def KFAC(
         fallback: ``"momentum"`` or ``"error"`` for parameters of layers kfac does not know.
         gradient_scale: per-example rescaling of output gradients (``None``: the batch size).
         max_factor_dim: modes larger than this stay unfactored (identity).
-        nonfinite: ``"skip"`` or ``"raise"`` on non-finite gradients or evidence.
-        seed: seed of the optimizer's target sampler.
+        options: any other option of :class:`curvkit.CurvatureOptimizer` (``nonfinite``,
+            ``seed``, ``loss``, ``strict``, ``distributed``, ...).
         inverter: ``"damped_eigen"`` (power 1, robust to PSD rounding) or ``"cholesky"``
             (cheaper).
     """
@@ -113,6 +112,5 @@ def KFAC(
         invert_every=invert_every,
         max_factor_dim=max_factor_dim,
         model=model,
-        nonfinite=nonfinite,
-        seed=seed,
+        **options,
     )

@@ -50,8 +50,7 @@ def Shampoo(
     tolerance: float = 1e-10,
     max_iterations: int = 100,
     model: nn.Module | None = None,
-    nonfinite: str = "skip",
-    seed: int | None = None,
+    **options: Any,
 ) -> CurvatureOptimizer:
     r"""Shampoo (Gupta, Koren & Singer, ICML 2018) as the TNT authors compared it, plus the options
     of production Shampoo.
@@ -103,7 +102,8 @@ def Shampoo(
         max_factor_dim: modes (of a tile, when tiled) larger than this get no factor (identity).
         tolerance, max_iterations: stopping rule of the coupled Newton iteration.
         model: the model (only used to name the blocks).
-        nonfinite, seed: as :class:`curvkit.CurvatureOptimizer`.
+        options: any other option of :class:`curvkit.CurvatureOptimizer` (``nonfinite``,
+            ``seed``, ``strict``, ``distributed``, ...).
     """
     check_choice("root_solver", root_solver, ("auto", "coupled_newton", "eigen"))
     if not isinstance(root_float64, bool):
@@ -146,6 +146,5 @@ def Shampoo(
         invert_every=invert_every,
         max_factor_dim=max_factor_dim,
         model=model,
-        nonfinite=nonfinite,
-        seed=seed,
+        **options,
     )
