@@ -71,7 +71,39 @@ def scenario_strict(rank, world):
     return run(rank, skip_at=2, strict=True)
 
 
-SCENARIOS = {"skip": scenario_skip, "nan_first": scenario_nan_first, "raise": scenario_raise, "strict": scenario_strict}
+def scenario_fallback(rank, world):
+    """Every float32 inversion fails (a stand-in for eigh not converging): each factor's owner
+    retries it in float64 and counts it."""
+    import curvkit
+    from curvkit.inverters.eigen import DampedEigen
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    class Float32Fails(DampedEigen):
+        def invert(self, matrices, *, damping, order):
+            if matrices.dtype == torch.float32:
+                raise torch.linalg.LinAlgError("float32 inversion failed (test)")
+            return super().invert(matrices, damping=damping, order=order)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    ddp = DDP(model)
+    opt = curvkit.compose(model, estimator="tensor_normal", preconditioner="kronecker_mode",
+                          inverter=Float32Fails(power=1.0), lr=1e-2, invert_every=2, seed=rank)
+    owned = 0
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        out = ddp(x)
+        opt.zero_grad()
+        opt.update_curvature(out, loss="cross_entropy")
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+    owners = getattr(opt, "_owners", {})
+    return {"health": opt.health(), "owned": sum(1 for o in owners.values() if o == rank)}
+
+
+SCENARIOS = {"skip": scenario_skip, "nan_first": scenario_nan_first, "raise": scenario_raise, "strict": scenario_strict,
+             "fallback": scenario_fallback}
 
 
 def same(results):
@@ -100,6 +132,15 @@ def test_nonfinite_raise_on_one_rank_raises_on_every_rank(tmp_path):
 def test_strict_missing_evidence_raises_on_every_rank(tmp_path):
     results = launch(HERE, "strict", 2, tmp_path, timeout=120)
     assert all("did not call update_curvature" in r["error"] for r in results)
+
+
+def test_inversion_fallbacks_are_counted_on_every_rank(tmp_path):
+    """Under divided inverses only a factor's owner inverts it; the fallback counts are shared so
+    that health() agrees on every rank (before, each rank saw only its own factors')."""
+    results = launch(HERE, "fallback", 2, tmp_path, timeout=120)
+    counts = [{k: h["inverse_retry_float64"] for k, h in r["health"].items()} for r in results]
+    assert counts[0] == counts[1]
+    assert sum(counts[0].values()) > 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from .blocks import Block, BlockPlan
 from .config import check_choice, check_positive_int
 from .engine import checkpoint
 from .engine.evidence import EvidenceCollector
-from .engine.health import HealthMonitor
+from .engine.health import MESSAGES, HealthMonitor
 from .engine.params import GROUP_OPTIONS, check_parameter, normalise_params, validate_group_options
 from .engine.runstate import RunState
 from .engine.states import BlockStates
@@ -41,7 +41,7 @@ from .engine.update import UpdateRule
 from .fisher import LossSpec
 from .interfaces import CurvatureEstimator, Inverter, Preconditioner, Source
 from .operators import EigenBasis
-from .safeguards import InversionRequest, invert_all
+from .safeguards import INVERSION_COUNTERS, InversionRequest, invert_all
 
 __all__ = ["CurvatureOptimizer"]
 
@@ -566,7 +566,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         rank = self._distributor.rank
         owners = [self._owner(r.key) for r in requests]
         mine = [r for r, o in zip(requests, owners) if o == rank]
+        before = [[h[c] for c in INVERSION_COUNTERS] for h in self._health.host]
         results = invert_all(self.inverter, mine, self._health) if mine else {}
+        if requests:
+            self._share_inversion_counts(before, requests[0].factor.matrix.device)
         shared = []
         for r in requests:
             m = r.factor.matrix
@@ -577,6 +580,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._distributor.share_(shared, owners, call="invert", step=self._run.step)
         for r, inv in zip(requests, shared):
             self._state_of(self._blocks[r.key[0]])["inverses"][r.key[1]] = inv
+
+    def _share_inversion_counts(self, before: list[list[int]], device: torch.device) -> None:
+        """Owners count their inversion fallbacks; one small all-reduce (on a step that reads the
+        host anyway) gives every rank the sum, so ``health()`` and its warnings agree on every
+        rank."""
+        health = self._health
+        delta = torch.tensor(
+            [[h[c] - b for c, b in zip(INVERSION_COUNTERS, row)] for h, row in zip(health.host, before)],
+            dtype=torch.int64, device=device,
+        )
+        self._distributor.sum_(delta, call="inversion_counts", step=self._run.step)
+        for h, start, row in zip(health.host, before, delta.tolist()):
+            for c, b, d in zip(INVERSION_COUNTERS, start, row):
+                if d and h[c] == b:  # another rank's fallback: warn here too
+                    health.warn_once(c, MESSAGES[c], stacklevel=5)
+                h[c] = b + d
 
     def _check_params(self, active: Sequence[int]) -> None:
         for bi in active:

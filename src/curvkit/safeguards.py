@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .interfaces import Factor, Inverter
 
-__all__ = ["CurvkitWarning", "HEALTH_COUNTERS", "InversionRequest", "invert_all", "new_health"]
+__all__ = ["CurvkitWarning", "HEALTH_COUNTERS", "INVERSION_COUNTERS", "InversionRequest", "invert_all", "new_health"]
 
 
 #: The per-block counters of :meth:`curvkit.CurvatureOptimizer.health`.
@@ -40,6 +40,10 @@ HEALTH_COUNTERS = (
     "missing_evidence",  # statistics updates in which a factored block got no evidence
     "partial_evidence",  # layer statistics from the last of several micro-batch forwards only
 )
+
+#: The counters of inversion fallbacks (counted by the rank that inverts a factor; shared with the
+#: other ranks when inverses are divided among them).
+INVERSION_COUNTERS = ("inverse_retry_float64", "inverse_extra_damping", "inverse_kept_last")
 
 
 class CurvkitWarning(RuntimeWarning):
