@@ -210,6 +210,7 @@ def check_estimator(
     psd_rtol: float = 1e-8,
     check_state_validation: bool = True,
     check_decay: bool | None = None,
+    check_accumulation: bool = True,
 ) -> None:
     r"""Check an estimator end to end inside a :class:`~curvkit.CurvatureOptimizer`.
 
@@ -234,6 +235,11 @@ def check_estimator(
        ``RuntimeError`` for a first ``step()`` without ``update_curvature``; a second
        ``update_curvature`` in one step accumulates (returns ``True``) or raises ``RuntimeError``; ``update_curvature`` returns ``False`` for minibatch
        evidence; ``RuntimeError`` for ``step()`` without a closure when one is needed;
+    7. micro-batch accumulation, for estimators that accumulate (those that read gradients, and
+       layer estimators with :attr:`~curvkit.CurvatureEstimator.accumulates`): the statistics of
+       one step fed by two micro-batches of unequal size (each ``update_curvature`` on its own
+       forward, each loss its share of the batch mean) equal those of one forward over the whole
+       batch (with a deterministic likelihood, so that both see the same evidence);
     6. the explicit-decay contract of :meth:`~curvkit.CurvatureEstimator.update` (the warm
        start's exact mean): ``decay=0`` forgets earlier evidence, and averaging the same evidence
        with itself leaves the factors unchanged (``check_decay``; by default only for estimators
@@ -254,6 +260,8 @@ def check_estimator(
         psd_rtol: relative tolerance of the symmetry and PSD checks.
         check_state_validation: run check 4.
         check_decay: run check 6 (default: when the estimator does not need layer records).
+        check_accumulation: run check 7 (off for options that fix the gradient scale to another
+            loss convention, such as KFAC's ``gradient_scale``).
 
     Raises:
         AssertionError: (:class:`~curvkit.testing.ConformanceError`) naming the failed property.
@@ -304,3 +312,42 @@ def check_estimator(
     # 6. explicit decay
     if check_decay if check_decay is not None else not spec.layer_io:
         _check_decay(who, estimator, opt, rtol=1e-9 if dtype == torch.float64 else 1e-4)
+
+    # 7. micro-batch accumulation
+    if check_accumulation and not spec.closure and (estimator.accumulates or not spec.layer_io):
+        _check_accumulation(who, problem, make_opt, spec.source, batch_size, rtol=1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def _check_accumulation(who: str, problem: Problem, make_opt, source: Source, batch_size: int, *, rtol: float) -> None:
+    import copy
+
+    n = max(batch_size, 3)
+    x, y = problem.batch(7, n)
+    parts = (slice(0, 1), slice(1, n))  # unequal sizes: 1 and n - 1
+    whole_model = problem.model()
+    micro_model = copy.deepcopy(whole_model)
+    whole, micro = make_opt(whole_model), make_opt(micro_model)
+
+    def fixed(targets: Tensor):  # a deterministic stand-in for the sampled likelihood
+        return lambda outputs, generator: true_label_loss(outputs, targets, problem.loss)
+
+    out = whole_model(x)
+    if source is Source.SAMPLED:
+        whole.update_curvature(out, fixed(y))
+    true_label_loss(out, y, problem.loss).backward()
+    whole.step()
+    for sl in parts:
+        out = micro_model(x[sl])
+        if source is Source.SAMPLED:
+            micro.update_curvature(out, fixed(y[sl]))
+        (true_label_loss(out, y[sl], problem.loss) * (sl.stop - sl.start) / n).backward()
+    micro.step()
+    for bw, bm in zip(whole.blocks, micro.blocks):
+        sw, sm = whole.block_state(bw)["estimator"], micro.block_state(bm)["estimator"]
+        for key, tw in sw.items():
+            tm = sm.get(key)
+            if isinstance(tw, Tensor) and tw.is_floating_point() and isinstance(tm, Tensor):
+                if not torch.allclose(tm, tw, rtol=rtol, atol=rtol * float(tw.abs().max()) if tw.numel() else 0.0):
+                    fail(who, f"block {bw.name!r} statistic {key!r} after two micro-batches (1 + {n - 1} examples) "
+                              f"differs from the whole batch's (max abs difference {float((tm - tw).abs().max()):.3g}): "
+                              f"micro-batch evidence must accumulate as the example-weighted mean")
