@@ -75,7 +75,7 @@ def build_with_period(name: str, model: nn.Module, period: int, **overrides) -> 
     for key in ("invert_every", "precondition_frequency"):
         try:
             return build(name, model, **{key: period}, **overrides)
-        except TypeError:
+        except (TypeError, ValueError):  # the preset has no such option
             continue
     opt = build(name, model, **overrides)
     for group in opt.param_groups:
