@@ -168,19 +168,15 @@ class TensorNormal(CurvatureEstimator):
             new = _kl_statistics(g, state["grams"], first=state["updates"] == 0, damping=self.config.kl_damping)
         else:
             new = [None if s is None else mode_gram(g, i) for i, s in enumerate(state["grams"])]
-        if evidence.valid is not None:  # invalid evidence (zeros) leaves the statistics exactly as they were
-            invalid = ~evidence.valid
-            keep = torch.full((), decay, dtype=dtype, device=invalid.device).masked_fill_(invalid, 1.0)
-            take = torch.full((), weight, dtype=dtype, device=invalid.device).masked_fill_(invalid, 0.0)
-            for s, n in zip(state["grams"], new):
-                if s is not None:
-                    s.mul_(keep).add_(n.mul_(take))
-            state["trace"].mul_(keep).add_(torch.sum(g * g) * take)
-        else:
-            for s, n in zip(state["grams"], new):
-                if s is not None:
-                    s.mul_(decay).add_(n, alpha=weight)
-            state["trace"].mul_(decay).add_(torch.sum(g * g), alpha=weight)
+        # S <- decay S + (1 - decay) S_new as one lerp per statistic; invalid evidence (zeros) takes
+        # weight 0 and leaves the statistics exactly as they were, decided on the device
+        take: float | Tensor = weight if evidence.valid is None else evidence.valid.to(dtype) * weight
+        flat = g.reshape(-1)
+        new_trace = torch.dot(flat, flat)
+        for s, n in zip(state["grams"], new):
+            if s is not None:
+                s.lerp_(n, take)
+        state["trace"].lerp_(new_trace, take)
         if self.config.estimate == "kl":  # keep the scale split even (the model is invariant to it)
             for s, f in zip(state["grams"], _balanced(state["grams"], 0.0)):
                 if s is not None:
