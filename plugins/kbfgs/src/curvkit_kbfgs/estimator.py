@@ -291,7 +291,7 @@ class KBFGSEstimator(CurvatureEstimator):
             state["Ha"] = damped_inverse(state["A"], math.sqrt(damping))
         h_g = None
         if f_out:
-            h_g = state["Hg"] if self.config.memory is None else LBFGSOperator(state["S"], state["Y"], state["valid"])
+            h_g = state["Hg"] if self.config.memory is None else self._operator(state)
         return [
             Factor(h_g, 0.0) if h_g is not None else None,
             Factor(state["Ha"], 0.0) if f_in else None,
@@ -354,7 +354,7 @@ class KBFGSEstimator(CurvatureEstimator):
             if cfg.memory is None:
                 hy = st["Hg"] @ st["y_avg"]
             else:
-                hy = LBFGSOperator(st["S"], st["Y"], st["valid"]).matmul(st["y_avg"])
+                hy = self._operator(st).matmul(st["y_avg"])
             s_t, y_t = double_damping(st["s_avg"], st["y_avg"], hy, mu1=cfg.powell, mu2=mu, form=cfg.lm)
             # y_avg is finite here, so a non-finite H y means a non-finite H_g (or pair memory)
             memory_ok = _all_finite(hy)
@@ -363,6 +363,26 @@ class KBFGSEstimator(CurvatureEstimator):
             counts["resets"] = counts["resets"] + ~memory_ok
             counts["g_pairs"] = counts["g_pairs"] + ok
             counts["g_skipped"] = counts["g_skipped"] + ~ok
+
+    def _operator(self, st: dict[str, Any]) -> LBFGSOperator:
+        """The :class:`LBFGSOperator` of a block's pair memory, built once per change of the
+        memory (a step asks for it up to three times: the inversion, the direction and the
+        pair's :math:`H y`). Cached on the estimator by the identity and version of the memory
+        tensors (the pair push replaces them), so nothing extra is saved with the state."""
+        tensors = (st["S"], st["Y"], st["valid"])
+        key = tuple((id(t), t._version) for t in tensors)
+        cache = self.__dict__.setdefault("_operators", {})
+        hit = cache.get(id(st))
+        if hit is not None and hit[0] == key and all(a is b for a, b in zip(hit[1], tensors)):
+            return hit[2]
+        op = LBFGSOperator(*tensors)
+        cache[id(st)] = (key, tensors, op)
+        return op
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_operators", None)  # a cache keyed by ids of this process's tensors
+        return state
 
     def _average_pair(self, st: dict[str, Any], s: Tensor, y: Tensor) -> None:
         beta = self.config.pair_decay
