@@ -36,7 +36,7 @@ Checks:
 from ._common import ConformanceError, Problem, default_data, default_model, random_psd, roundtrip, train_step
 from .cases import check_part, conformance_cases
 from .estimators import check_estimator
-from .host_reads import HOST_READS, HostReads, count_host_reads
+from .host_reads import HostReads, count_host_reads
 from .inverters import check_inverter
 from .methods import check_method
 from .preconditioners import check_preconditioner, make_block
@@ -44,7 +44,6 @@ from .resume import check_exact_resume
 
 __all__ = [
     "ConformanceError",
-    "HOST_READS",
     "HostReads",
     "Problem",
     "check_estimator",

@@ -235,15 +235,15 @@ def check_estimator(
        ``RuntimeError`` for a first ``step()`` without ``update_curvature``; a second
        ``update_curvature`` in one step accumulates (returns ``True``) or raises ``RuntimeError``; ``update_curvature`` returns ``False`` for minibatch
        evidence; ``RuntimeError`` for ``step()`` without a closure when one is needed;
+    6. the explicit-decay contract of :meth:`~curvkit.CurvatureEstimator.update` (the warm
+       start's exact mean): ``decay=0`` forgets earlier evidence, and averaging the same evidence
+       with itself leaves the factors unchanged (``check_decay``; by default only for estimators
+       that read gradients, not layer records);
     7. micro-batch accumulation, for estimators that accumulate (those that read gradients, and
        layer estimators with :attr:`~curvkit.CurvatureEstimator.accumulates`): the statistics of
        one step fed by two micro-batches of unequal size (each ``update_curvature`` on its own
        forward, each loss its share of the batch mean) equal those of one forward over the whole
-       batch (with a deterministic likelihood, so that both see the same evidence);
-    6. the explicit-decay contract of :meth:`~curvkit.CurvatureEstimator.update` (the warm
-       start's exact mean): ``decay=0`` forgets earlier evidence, and averaging the same evidence
-       with itself leaves the factors unchanged (``check_decay``; by default only for estimators
-       that read gradients, not layer records).
+       batch (with a deterministic likelihood, so that both see the same evidence).
 
     Args:
         estimator: the part to check.

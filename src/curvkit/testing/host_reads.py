@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ["HOST_READS", "HostReads", "count_host_reads"]
+__all__ = ["HostReads", "count_host_reads"]
 
 #: The ``torch.Tensor`` methods that read a value on the host.
 HOST_READS: tuple[str, ...] = ("item", "tolist", "__bool__", "__float__", "__int__")
