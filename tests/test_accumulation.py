@@ -151,24 +151,89 @@ def test_empirical_kfac_takes_no_statistics_from_a_step_not_due() -> None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_non_accumulating_layer_estimator_still_warns() -> None:
-    """K-BFGS forms its pairs from one batch evaluated before and after the update: several
-    micro-batch forwards before one step are counted and warned, never silent."""
+@pytest.mark.parametrize("memory", [None, 4])
+def test_kbfgs_micro_batches_equal_the_whole_batch(memory) -> None:
+    """K-BFGS accumulates too: A and the step's mean input, pre-activation and output gradient
+    over the micro-batches, and the closure's means over the same micro-batches at the new
+    parameters, so the curvature pairs and the update are those of the whole batch."""
     curvkit_kbfgs = pytest.importorskip("curvkit_kbfgs")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = curvkit_kbfgs.KBFGS(model, lr=1e-2)
-    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    whole_model = make_model()
+    micro_model = copy.deepcopy(whole_model)
+    opts = [curvkit_kbfgs.KBFGS(m, lr=0.05, memory=memory) for m in (whole_model, micro_model)]
+    n = sum(SIZES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(4):
+            x, y, _ = data(step)
 
-    def closure():
+            def whole_closure():
+                opts[0].zero_grad()
+                loss = nn.functional.cross_entropy(whole_model(x), y)
+                loss.backward()
+                return loss
+
+            def micro_closure():
+                opts[1].zero_grad()
+                total = 0.0
+                for sl in slices():
+                    loss = nn.functional.cross_entropy(micro_model(x[sl]), y[sl], reduction="sum") / n
+                    loss.backward()
+                    total = total + loss.detach()
+                return total
+
+            whole_closure()
+            opts[0].step(whole_closure)
+            micro_closure()
+            opts[1].step(micro_closure)
+            for bw, bm in zip(opts[0].blocks, opts[1].blocks):
+                sw, sm = opts[0].block_state(bw)["estimator"], opts[1].block_state(bm)["estimator"]
+                for key in ("A", "Ha", "Hg", "S", "Y", "s_avg", "y_avg"):
+                    if isinstance(sw.get(key), torch.Tensor):
+                        torch.testing.assert_close(sm[key], sw[key], rtol=1e-9, atol=1e-12)
+            for p, q in zip(micro_model.parameters(), whole_model.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    assert all(v == 0 for h in opts[1].health().values() for v in h.values())
+
+
+def test_kbfgs_closure_of_one_micro_batch_is_refused() -> None:
+    """The closure must re-evaluate the whole accumulated batch: one micro-batch is refused
+    with the fix in the message, never silently paired with the wrong rows."""
+    curvkit_kbfgs = pytest.importorskip("curvkit_kbfgs")
+    model = make_model()
+    opt = curvkit_kbfgs.KBFGS(model, lr=0.05)
+    x, y, _ = data(0)
+    opt.zero_grad()
+    for sl in slices():
+        (nn.functional.cross_entropy(model(x[sl]), y[sl], reduction="sum") / sum(SIZES)).backward()
+
+    def last_only():
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x[4:]), y[4:])
+        loss = nn.functional.cross_entropy(model(x[3:]), y[3:])
         loss.backward()
         return loss
 
-    opt.zero_grad()
-    for sl in (slice(0, 4), slice(4, 8)):
-        nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
+    with pytest.raises(ValueError, match="same batch"):
+        opt.step(last_only)
+
+
+def test_kbfgs_micro_batches_on_a_step_without_statistics_are_warned() -> None:
+    """With statistics every other step, the after-step pairs of an off step read the last
+    micro-batch's records only: counted and warned, never silent."""
+    curvkit_kbfgs = pytest.importorskip("curvkit_kbfgs")
+    model = make_model()
+    opt = curvkit_kbfgs.KBFGS(model, lr=0.05, curvature_every=2)
+    x, y, _ = data(0)
+    n = sum(SIZES)
+
+    def closure():
+        opt.zero_grad()
+        for sl in slices():
+            (nn.functional.cross_entropy(model(x[sl]), y[sl], reduction="sum") / n).backward()
+
+    closure()
+    opt.step(closure)  # step 0: statistics due, accumulated, nothing to say
+    assert sum(h["partial_evidence"] for h in opt.health().values()) == 0
+    closure()
     with pytest.warns(curvkit.CurvkitWarning, match="last micro-batch"):
-        opt.step(closure)
-    assert sum(h["partial_evidence"] for h in opt.health().values()) >= 1
+        opt.step(closure)  # step 1: no statistics due
+    assert sum(h["partial_evidence"] for h in opt.health().values()) > 0

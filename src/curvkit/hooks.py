@@ -179,6 +179,18 @@ class LayerRecorder:
         its owner alive). ``None`` removes it."""
         self._on_replace = None if callback is None else weakref.WeakMethod(callback)  # type: ignore[arg-type]
 
+    @contextmanager
+    def replacing(self, callback: Callable[[], None] | None) -> Iterator[None]:
+        """Use ``callback`` (``None``: none) instead of the current :meth:`on_replace` callback
+        inside the block (an estimator reading the forward passes of a closure, say), then
+        restore it."""
+        previous = self._on_replace
+        self.on_replace(callback)
+        try:
+            yield
+        finally:
+            self._on_replace = previous
+
     def _before_replace(self) -> None:
         callback = None if self._on_replace is None else self._on_replace()
         if callback is not None:

@@ -21,6 +21,8 @@ tensor value on the host; faults are masked and counted on the device (see :meth
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
@@ -638,13 +640,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         recorder = self._collector.recorder
         accumulates = self._evidence.layer_io and self.estimator.accumulates
         if (
-            recorder is not None and self._evidence.source is Source.MINIBATCH and not accumulates
-            and getattr(recorder, "forwards", 0) > 1 and self._run.stats_taken_at != t and self._due_blocks()
-        ):  # records of earlier micro-batches were replaced by the last forward's
-            for bi in self._due_blocks():
+            recorder is not None and self._evidence.source is Source.MINIBATCH
+            and getattr(recorder, "forwards", 0) > 1 and self._run.stats_taken_at != t
+        ):  # records of earlier micro-batches replaced by the last forward's: an estimator that
+            # does not accumulate, or one whose after-step pairs read them on a step without statistics
+            due_now = self._due_blocks()
+            partial = due_now if not accumulates else ([] if due_now or not self._evidence.closure else active)
+            for bi in partial:
                 if self._blocks[bi].module is not None:
                     self._health.count(bi, "partial_evidence")
-            self._health.warn_once("partial_evidence", _partial_message(recorder.forwards), stacklevel=4)
+            if partial:
+                self._health.warn_once("partial_evidence", _partial_message(recorder.forwards), stacklevel=4)
         if self._evidence.source is Source.MINIBATCH and self._run.stats_taken_at != t:
             due = set(self._due_blocks())
             ids = [bi for bi in active if bi in due]
@@ -686,6 +692,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._after_step(closure)
         if recorder is not None:
             recorder.forwards = 0
+            self._collector.records_read()  # what the recorder holds now belongs to this step
         return loss
 
     def _run_closure_first(self, closure: Callable[[], Any] | None) -> Any:
@@ -718,11 +725,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         for p in params:  # the closure's backward must not touch the step's gradients
             p.grad = None
-        try:
-            with torch.enable_grad():
+        recorder = self._collector.recorder
+        try:  # the closure's forwards belong to this step: the collector gathers nothing from them
+            with torch.enable_grad(), (recorder.replacing(None) if recorder is not None else nullcontext()):
                 self.estimator.after_step(
                     self._blocks, [self._state_of(b)["estimator"] for b in self._blocks],
-                    closure=closure, recorder=self._collector.recorder,
+                    closure=closure, recorder=recorder,
                 )
         finally:
             for p, g in zip(params, grads):
@@ -791,5 +799,6 @@ def _partial_message(forwards: int) -> str:
     return (
         f"the model ran {forwards} forward passes with gradients before step(); a layer-based estimator "
         f"reads the records of the last one only, so its statistics came from the last micro-batch "
-        f"(step once per forward, or use an estimator that accumulates micro-batches: TNT, KFAC, Shampoo)"
+        f"(step once per forward, use an estimator that accumulates micro-batches, or -- K-BFGS -- "
+        f"take statistics on every step, curvature_every=1, when accumulating)"
     )

@@ -295,6 +295,11 @@ class EvidenceCollector:
             self.run.pending_batches += 1
         return got
 
+    def records_read(self) -> None:
+        """Mark the recorder's current records as read (``step()`` ends: they belong to it)."""
+        if self.recorder is not None:
+            self._harvested_id = self.recorder.forward_id
+
     def _harvest_finished(self) -> None:
         """Recorder callback before a forward replaces the records: gather a finished
         micro-batch's statistics (its backward ran) if statistics are due at this step."""

@@ -61,7 +61,8 @@ MESSAGES = {
     "partial_evidence": (
         "the model ran several forward passes with gradients before step(); a layer-based estimator "
         "reads the records of the last one only, so its statistics came from the last micro-batch "
-        "(step once per forward, or use an estimator that accumulates micro-batches: TNT, KFAC, Shampoo)"
+        "(step once per forward, use an estimator that accumulates micro-batches, or -- K-BFGS -- take "
+        "statistics on every step, curvature_every=1, when accumulating)"
     ),
     "missing_evidence": (
         "a factored block got no evidence on a statistics step (its layer was never called "

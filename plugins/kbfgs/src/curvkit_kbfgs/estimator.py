@@ -52,6 +52,12 @@ the counters in ``state["counts"]`` are 0-d device tensors, so a steady-state st
 on the host. They
 are detected from the vectors :math:`H_a \bar a`, :math:`A s_a` and :math:`H_g y` the updates
 compute anyway, without scanning the matrices.
+**Gradient accumulation.** With several micro-batch forwards before one ``step()``, the sums
+:math:`\sum a a^\top`, :math:`\sum a`, :math:`\sum h` and :math:`\sum \partial L/\partial h` of
+every micro-batch are added (:meth:`KBFGSEstimator.batch_statistics`), and the closure must
+re-run all of them; the means of its forwards are summed alike, so the pair is the whole
+batch's. A closure that evaluates other rows is refused.
+
 (The optimizer discards the closure's gradients at :math:`\theta_{t+1}`: ``p.grad`` keeps the
 step's gradient.) The closure must evaluate the same batch deterministically (no dropout
 sampling), or the pairs measure noise instead of curvature; the closure's forward also moves
@@ -250,18 +256,42 @@ class KBFGSEstimator(CurvatureEstimator):
     def update(
         self, block: Block, state: dict[str, Any], evidence: BlockEvidence, *, decay: float | None = None
     ) -> bool | None:
-        """Fold the step's mean :math:`\\overline{a a^\\top}` into ``A`` (no host sync).
+        r"""Fold the step's mean :math:`\overline{a a^\top}` into ``A`` (no host sync): it is
+        :meth:`batch_statistics` followed by :meth:`fold`.
 
         Returns ``False`` when the block's layer recorded no input in this statistics step (its
         forward never ran with gradients enabled, was bypassed, or hooks did not fire), so the
         optimizer can count the block's missing evidence; ``None`` otherwise.
         """
+        stats = self.batch_statistics(block, state, evidence)
+        if stats is None or stats is False:
+            return stats
+        self.fold(block, state, stats, decay=decay)
+        return None
+
+    def batch_statistics(self, block: Block, state: dict[str, Any], evidence: BlockEvidence) -> dict[str, Any] | bool | None:
+        r"""Sums over the rows of one forward/backward: ``aa`` :math:`= \sum a a^\top`, ``a``
+        :math:`= \sum a`, ``h`` :math:`= \sum h`, ``g`` :math:`= \sum \partial L / \partial h`
+        and ``rows``. Several micro-batches of one step add up to the whole batch's sums (with
+        each micro-batch's loss its share of the batch mean, :math:`\bar g` is then the whole
+        batch's, as :meth:`after_step` needs)."""
         if block.kind == FALLBACK_KIND or state["A"] is None:
             return None
-        a = layer_inputs(evidence.layer, block, state["A"].dtype)
+        dtype = state["A"].dtype
+        a = layer_inputs(evidence.layer, block, dtype)
         if a is None:
             return False
-        batch = a.T @ a / a.shape[0]
+        out: dict[str, Any] = {"aa": a.T @ a, "a": a.sum(dim=0), "rows": a.shape[0]}
+        means = layer_means(evidence.layer, block, dtype, inputs=False)
+        if means is not None and means.rows == a.shape[0]:
+            out.update(h=means.h * means.rows, g=means.g)
+        return out
+
+    def fold(self, block: Block, state: dict[str, Any], statistics: dict[str, Any], *, decay: float | None = None) -> None:
+        r"""``A`` from the summed ``aa`` (masked EMA, a restart's next finite batch sets it), and
+        the step's mean input and pre-activation kept for :meth:`after_step`."""
+        rows = statistics["rows"]
+        batch = statistics["aa"] / rows
         if decay is None:
             decay = 0.0 if state["updates"] == 0 else self.config.stat_decay
         old = state["A"]
@@ -276,7 +306,10 @@ class KBFGSEstimator(CurvatureEstimator):
         state["A"] = torch.where(finite, new, old)
         state["fresh"] = state["fresh"] & ~finite
         state["updates"] += 1
-        return None
+        if "h" in statistics:  # the step's means at theta_t, for this step's after_step only
+            self.__dict__.setdefault("_before", {})[id(state)] = (
+                state, LayerMeans(statistics["a"] / rows, statistics["h"] / rows, statistics["g"], rows)
+            )
 
     def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
         """``[H_g, H_a]`` as already-damped inverses (``Factor.damping = 0``); the first call
@@ -309,21 +342,69 @@ class KBFGSEstimator(CurvatureEstimator):
         """Update :math:`H_a` and :math:`H_g` from the step's batch at :math:`\\theta_t` and
         :math:`\\theta_{t+1}` (one closure call; none when no Linear layer recorded anything)."""
         work: list[tuple[Block, dict[str, Any], LayerMeans]] = []
+        folded = self.__dict__.pop("_before", {})
+        # several micro-batch forwards in this step: use the summed means the statistics folded
+        several = recorder is not None and getattr(recorder, "forwards", 1) > 1
+        accumulated = False
         for b, st in zip(blocks, states):
             if b.kind == FALLBACK_KIND or st.get("damping") is None:
                 continue
-            before = layer_means(recorder, b, statistics_dtype(b.params[0].dtype), inputs=st["Ha"] is not None)
+            kept = folded.get(id(st))
+            if several and kept is not None and kept[0] is st:  # the step's accumulated means
+                before, accumulated = kept[1], True
+            else:
+                before = layer_means(recorder, b, statistics_dtype(b.params[0].dtype), inputs=st["Ha"] is not None)
             if before is not None:
                 work.append((b, st, before))
-        if work:
+        if not work:
+            return
+        if recorder is None or not accumulated:
             closure()
             self._fold_pairs(work, recorder)
+            return
+        # the closure may run several micro-batch forwards too: sum their means like the step's
+        sums: dict[int, list[Any]] = {}
+        seen = [recorder.forward_id]  # the records held now are the step's own (at theta_t)
 
-    def _fold_pairs(self, work: list[tuple[Block, dict[str, Any], LayerMeans]], recorder: LayerRecorder | None) -> None:
+        def collect() -> None:
+            if recorder.forward_id == seen[0]:
+                return
+            seen[0] = recorder.forward_id
+            for i, (b, st, before) in enumerate(work):
+                m = layer_means(recorder, b, before.h.dtype, inputs=False)
+                if m is None:
+                    continue
+                acc = sums.setdefault(i, [torch.zeros_like(before.h), torch.zeros_like(before.g), 0])
+                acc[0] += m.h * m.rows
+                acc[1] += m.g
+                acc[2] += m.rows
+
+        self._collect = collect  # held by the instance while the closure runs (weakly by the recorder)
+        try:
+            with recorder.replacing(self._collect_after):
+                closure()
+            collect()
+        finally:
+            del self._collect
+        after = {i: LayerMeans(None, h / n, g, n) for i, (h, g, n) in sums.items()}
+        self._fold_pairs(work, recorder, after=after)
+
+    def _collect_after(self) -> None:
+        collect = self.__dict__.get("_collect")
+        if collect is not None:
+            collect()
+
+    def _fold_pairs(
+        self,
+        work: list[tuple[Block, dict[str, Any], LayerMeans]],
+        recorder: LayerRecorder | None,
+        *,
+        after: dict[int, LayerMeans] | None = None,
+    ) -> None:
         """Fold the step's pairs with masked updates: every decision (skip, reset) is a device
         tensor, so the steady-state step reads nothing on the host."""
         cfg = self.config
-        for b, st, before in work:
+        for i, (b, st, before) in enumerate(work):
             mu = math.sqrt(st["damping"])
             counts = st["counts"]
             if st["Ha"] is not None:
@@ -342,15 +423,18 @@ class KBFGSEstimator(CurvatureEstimator):
                 counts["resets"] = counts["resets"] + reset
                 counts["a_pairs"] = counts["a_pairs"] + ok
                 counts["a_skipped"] = counts["a_skipped"] + ~ok
-            after = layer_means(recorder, b, before.h.dtype, inputs=False) if st["s_avg"] is not None else None
-            if after is None:
+            if st["s_avg"] is None:
                 continue
-            if after.rows != before.rows:
+            new = after.get(i) if after is not None else layer_means(recorder, b, before.h.dtype, inputs=False)
+            if new is None:
+                continue
+            if new.rows != before.rows:
                 raise ValueError(
-                    f"K-BFGS: layer {b.name!r} saw {before.rows} rows in the step's forward pass and "
-                    f"{after.rows} in the closure's: the closure must re-evaluate the same batch"
+                    f"K-BFGS: layer {b.name!r} saw {before.rows} rows in the step's forward pass(es) and "
+                    f"{new.rows} in the closure's: the closure must re-evaluate the same batch (all of "
+                    f"its micro-batches, when gradients are accumulated over several)"
                 )
-            self._average_pair(st, after.h - before.h, after.g - before.g)
+            self._average_pair(st, new.h - before.h, new.g - before.g)
             if cfg.memory is None:
                 hy = st["Hg"] @ st["y_avg"]
             else:
@@ -381,7 +465,8 @@ class KBFGSEstimator(CurvatureEstimator):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_operators", None)  # a cache keyed by ids of this process's tensors
+        for transient in ("_operators", "_before", "_collect"):  # keyed by this process's ids / per step
+            state.pop(transient, None)
         return state
 
     def _average_pair(self, st: dict[str, Any], s: Tensor, y: Tensor) -> None:
