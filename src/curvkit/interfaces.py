@@ -313,6 +313,20 @@ class Preconditioner(Part):
     #: inverter's :attr:`Inverter.produces` against it when it builds.
     accepts: ClassVar[tuple[str, ...]] = ("matrix", "eigenbasis", "operator")
 
+    #: Whether :meth:`apply_group` also reads each block's estimator statistics: the optimizer
+    #: then passes ``statistics=[estimator state of each block]`` (EKFAC's per-coordinate
+    #: scalings), and :func:`curvkit.compose` calls :meth:`check_estimator` when it builds.
+    reads_statistics: ClassVar[bool] = False
+
+    def check_estimator(self, estimator: "CurvatureEstimator") -> None:
+        """Raise ``ValueError`` if ``estimator``'s statistics are not what this preconditioner
+        reads (called by :func:`curvkit.compose` when :attr:`reads_statistics` is set)."""
+
+    def describe(self, block: "Block") -> str:
+        """One line saying what this preconditioner does to ``block`` (a column of
+        :meth:`curvkit.CurvatureOptimizer.block_plan`); the registered name by default."""
+        return self.name or type(self).__name__
+
     def apply_group(
         self,
         blocks: Sequence["Block"],
