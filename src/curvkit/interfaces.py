@@ -294,6 +294,12 @@ class Inverter(Part):
     #: What :meth:`invert` returns: ``"matrix"`` (dense ``(b, d, d)``) or ``"eigenbasis"``.
     produces: ClassVar[str] = "matrix"
 
+    #: Whether :meth:`invert` takes ``previous=``: the ``(b, d, d)`` eigenvectors of the same
+    #: factors' last refresh (an eigenbasis inverter's), or ``None`` where some factor of the
+    #: batch has none yet. The optimizer batches factors with and without one separately, so a
+    #: warm-started refresh (SOAP's QR step) gets all or nothing.
+    warm_start: ClassVar[bool] = False
+
     @abstractmethod
     def invert(self, matrices: Tensor, *, damping: Tensor, order: Tensor) -> Tensor:
         """Invert a batch of factors."""
