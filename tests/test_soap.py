@@ -169,24 +169,14 @@ def test_rotate_differs_from_carry():
     assert float((out[0] - out[1]).abs().max()) > 1e-6
 
 
-class Reconstructed(curvkit.Inverter):
-    """The eigenbasis inverter seen as a matrix inverter: Q diag(values) Q^T (so that
-    check_inverter, which expects matrices, can test it)."""
-
-    Config = curvkit.Eigenbasis.Config
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.inner = curvkit.Eigenbasis(config=self.config)
-
-    def invert(self, matrices, *, damping, order):
-        vecs, vals = self.inner.invert(matrices, damping=damping, order=order)
-        return (vecs * vals.unsqueeze(-2)) @ vecs.transpose(-1, -2)
-
-
+@pytest.mark.parametrize("refresh", ["eigh", "qr"])
 @pytest.mark.parametrize("power", [1.0, "1/2k"])
-def test_eigenbasis_inverter_reconstructs_the_damped_power(power):
-    check_inverter(Reconstructed(power=power), reference=fractional_power_reference(power))
+def test_eigenbasis_inverter_conforms_and_reconstructs_the_damped_power(power, refresh):
+    """check_inverter takes eigenbasis inverters: (vectors, values) checked, Q diag(values) Q^T
+    compared with the dense reference, cold and (qr) warm-started from the exact eigenbasis."""
+    check_inverter(curvkit.Eigenbasis(power=power, refresh=refresh), reference=fractional_power_reference(power))
+    check_inverter(curvkit.Eigenbasis(power=power, refresh=refresh), dtype=torch.float32)
+    check_part("inverter", "eigenbasis", options={"refresh": refresh})
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(4, 6, 6, generator=gen, dtype=torch.float64)
     m = a @ a.transpose(-1, -2)
@@ -232,3 +222,37 @@ def test_soap_preset_conforms_and_routes():
     with pytest.raises(ValueError, match="refresh"):
         curvkit.SOAP([nn.Parameter(torch.zeros(2, 2))], basis_refresh="power")
     check_part("method", "SOAP", options={"basis_refresh": "qr"})
+
+
+class _BrokenEigenbasis(curvkit.Eigenbasis):
+    def __init__(self, fault, **kw):
+        super().__init__(**kw)
+        self.fault = fault
+
+    def invert(self, matrices, *, damping, order, previous=None):
+        vecs, vals = super().invert(matrices, damping=damping, order=order, previous=previous)
+        if self.fault == "not orthonormal":
+            return 1.01 * vecs, vals
+        if self.fault == "wrong values":
+            return vecs, 2 * vals
+        if self.fault == "values shape":
+            return vecs, vals[:, :-1]
+        if self.fault == "warm modifies previous" and previous is not None:
+            previous.mul_(-1)
+        if self.fault == "warm values wrong" and previous is not None:
+            return vecs, 2 * vals
+        return vecs, vals
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("not orthonormal", "not orthonormal"),
+    ("wrong values", "reference"),
+    ("values shape", "expected"),
+    ("warm modifies previous", "previous"),
+    ("warm values wrong", "warm-started\\) differs from the reference"),
+])
+def test_check_inverter_catches_broken_eigenbasis_inverters(fault, message):
+    from curvkit.testing import ConformanceError
+
+    with pytest.raises(ConformanceError, match=message):
+        check_inverter(_BrokenEigenbasis(fault, refresh="qr"), reference=fractional_power_reference(1.0))
