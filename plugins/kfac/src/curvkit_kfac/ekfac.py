@@ -276,7 +276,9 @@ class EigenCorrected(Preconditioner):
     """
 
     Config = EigenCorrectedConfig
+    #: Eigenbases only (the ``eigenbasis`` inverter).
     accepts = ("eigenbasis",)
+    #: It reads the ``ekfac`` estimator's scalings, passed by the optimizer as ``statistics``.
     reads_statistics = True
 
     def check_estimator(self, estimator: CurvatureEstimator) -> None:
