@@ -273,3 +273,31 @@ def test_no_host_reads_in_steady_state_steps(monkeypatch):
         _steps(model, opt, data[5:])  # steps 5, 6, 7: no inversion due
     assert counter["n"] == 0, counter["where"]
     assert opt.block_state(0)["estimator"]["scale_updates"] == 8
+
+
+def test_ekfac_embedding_scalings_are_the_diagonal_of_the_per_example_fisher():
+    """nn.Embedding: the one-hot input rotated by indexing U_A (vocabulary mode first)."""
+    gen = torch.Generator().manual_seed(9)
+    model = nn.Sequential(nn.Embedding(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    ids = torch.tensor([0, 2, 2, 5, 1, 2, 0, 3])
+    targets = torch.randn(8, 3, dtype=torch.float64, generator=gen)
+    opt = curvkit_kfac.EKFAC(model, lr=0.0, damping=0.1, stat_decay=0.0, invert_every=5)
+    for _ in range(2):
+        out = model(ids)
+        opt.zero_grad()
+        opt.update_curvature(out, loss=deterministic_loss(targets))
+        out.sum().backward()
+        opt.step()
+    rows = []
+    for n in range(len(ids)):
+        loss = (torch.sin(model(ids[n : n + 1])) * targets[n]).sum()
+        (grad,) = torch.autograd.grad(loss, [model[0].weight])
+        rows.append(grad.reshape(-1))
+    g = torch.stack(rows)
+    fisher = g.T @ g / g.shape[0]
+    state = opt.block_state(0)
+    assert tuple(state["estimator"]["scale"].shape) == (6, 4)
+    ua, ug = (e.vectors for e in state["inverses"])
+    k = torch.kron(ua, ug)
+    torch.testing.assert_close(state["estimator"]["scale"].reshape(-1), torch.diagonal(k.T @ fisher @ k),
+                               rtol=1e-9, atol=1e-12)
