@@ -163,6 +163,12 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                          "conv layers take the plain momentum direction (K-BFGS is defined for Linear layers)"),
         "KBFGS_L": Setting({"lr": 1.0, "damping": 0.1},
                            "tuned (9 points + 1): 0.0008 after 10 epochs at lr 1, lambda 0.1 (0.038 at lr 0.3)"),
+        "EKFAC": Setting({"lr": 0.03, "damping": 0.1, **_PAPER_T},
+                         "tuned (12 points): best 0.0108 after 10 epochs at lr 0.03, lambda 0.1 (lr 0.01, lambda 0.1: "
+                         "0.0141; lr 0.1, lambda 1: 0.0139; lr 0.03, lambda 0.3: 0.0138); lambda <= 0.03 diverged at "
+                         "every lr, lr 0.1 with lambda <= 0.1 too. Well behind KFAC (0.0002) here, and about twice its "
+                         "time per epoch (per-example conv gradients). Grids: lr=0.01,0.03,0.1 x damping=0.01,0.1,1.0; "
+                         "lr=0.03 x damping=0.03,0.3; lr=0.1 x damping=0.3"),
         "SOAP": Setting({"lr": 1e-2}, "digits-ae's value: 0.0070 after 5 epochs (Adam 0.055)"),
         "Muon": Setting({"lr": 0.05}, "digits-ae's value: 0.12 after 5 epochs (best 0.022)"),
         "KL_Shampoo": Setting({"lr": 1e-2, "damping": 1e-2, "relative_damping": False},
