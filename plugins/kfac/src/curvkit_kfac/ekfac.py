@@ -12,7 +12,7 @@ Bouthillier, Ballas, Vincent, 2018, arXiv 1806.03884) keeps KFAC's factors
 
 which is the diagonal of the Fisher in the KFE, the best diagonal fit there
 (:math:`s = \arg\min_s \| F - (U_G \otimes U_A) \operatorname{diag}(s) (U_G \otimes U_A)^\top \|_F`,
-the paper's Theorem / Section 3.2). The direction applied to the momentum buffer :math:`M` is
+which the paper proves). The direction applied to the momentum buffer :math:`M` is
 
 .. math::
     P = U_G \left[ \frac{U_G^\top M U_A}{s + \lambda} \right] U_A^\top
@@ -36,8 +36,10 @@ leading index, a sequence position included) is an example, as ``kfac`` counts t
 and ``G``, so :math:`\hat s = \frac1r \sum_r \big((U_G^\top c\,g_r)^{2}\big)\big((U_A^\top a_r)^{2}\big)^\top`
 (no per-example gradient is formed). For ``nn.Conv2d`` the examples are the batch entries and
 :math:`\nabla_n = c \sum_p g_{n,p} a_{n,p}^\top` is the true per-example gradient, summed over the
-spatial positions :math:`p`, as the paper's experiments and its authors' code do; it costs an
-``(N, out, in)`` tensor per layer per statistics step. ``nn.Embedding`` rows are examples too,
+spatial positions :math:`p` (the paper defines :math:`s` over per-example gradients; this is
+that gradient for a layer whose weight is shared over positions, not KFC's rows-as-examples
+count, which would give a different :math:`s`); it costs an ``(N, out, in)`` tensor per layer per
+statistics step. ``nn.Embedding`` rows are examples too,
 with the one-hot input rotated by indexing :math:`U_A`. A weight tied across layers takes every
 call's rows as more examples, as ``kfac`` does.
 
