@@ -301,3 +301,24 @@ def test_ekfac_embedding_scalings_are_the_diagonal_of_the_per_example_fisher():
     k = torch.kron(ua, ug)
     torch.testing.assert_close(state["estimator"]["scale"].reshape(-1), torch.diagonal(k.T @ fisher @ k),
                                rtol=1e-9, atol=1e-12)
+
+
+def test_conv_scalings_in_chunks_of_examples_equal_all_at_once(monkeypatch):
+    from curvkit_kfac import ekfac
+
+    results = []
+    for limit in (2**24, 3 * 19):  # 3 * 19: two examples per chunk for the (3, 19) view below
+        monkeypatch.setattr(ekfac, "PER_EXAMPLE_ELEMENTS", limit)
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 16, 2)).double()
+        opt = curvkit_kfac.EKFAC(model, lr=0.1)
+        x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+        for _ in range(2):
+            out = model(x)
+            opt.zero_grad()
+            opt.update_curvature(out, loss=deterministic_loss(torch.ones_like(out)))
+            out.sum().backward()
+            opt.step()
+        results.append(opt.block_state(0)["estimator"]["scale"].clone())
+    assert results[0].shape == (3, 19)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)

@@ -38,10 +38,11 @@ and ``G``, so :math:`\hat s = \frac1r \sum_r \big((U_G^\top c\,g_r)^{2}\big)\big
 :math:`\nabla_n = c \sum_p g_{n,p} a_{n,p}^\top` is the true per-example gradient, summed over the
 spatial positions :math:`p` (the paper defines :math:`s` over per-example gradients; this is
 that gradient for a layer whose weight is shared over positions, not KFC's rows-as-examples
-count, which would give a different :math:`s`); it costs an ``(N, out, in)`` tensor per layer per
-statistics step. ``nn.Embedding`` rows are examples too,
-with the one-hot input rotated by indexing :math:`U_A`. A weight tied across layers takes every
-call's rows as more examples, as ``kfac`` does.
+count, which would give a different :math:`s`); it costs :math:`N \cdot out \cdot in` entries per
+layer per statistics step, formed in chunks of examples of at most
+:data:`PER_EXAMPLE_ELEMENTS` entries. ``nn.Embedding`` rows are examples too, with the one-hot
+input rotated by indexing :math:`U_A`. A weight tied across layers takes every call's rows as
+more examples, as ``kfac`` does.
 
 **Schedule, and where it differs from the paper's Algorithm 1.** The optimizer folds the evidence
 of step :math:`t` before it inverts, so :math:`\hat s_t` is estimated in the basis in force
@@ -86,7 +87,14 @@ from .estimator import KFACConfig, KFACEstimator, _is_embedding
 from .layers import LAYER_KINDS, layer_rows
 from .planning import layer_modules, plan_layers
 
-__all__ = ["EKFAC", "EKFACConfig", "EKFACEstimator", "EigenCorrected", "EigenCorrectedConfig"]
+__all__ = [
+    "EKFAC", "EKFACConfig", "EKFACEstimator", "EigenCorrected", "EigenCorrectedConfig", "PER_EXAMPLE_ELEMENTS",
+    "adopt_basis",
+]
+
+#: The most entries of per-example convolution gradients formed at once (examples are taken in
+#: chunks of ``PER_EXAMPLE_ELEMENTS // (out * in)``, at least one).
+PER_EXAMPLE_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -246,9 +254,11 @@ class EKFACEstimator(KFACEstimator):
             g_rot = r.gradients * c if q0 is None else (r.gradients * c) @ q0  # rows of U_G^T (c g)
             if isinstance(module, nn.Conv2d):  # per-example gradient: summed over the positions
                 n = r.examples
-                per_example = torch.einsum("npo,npi->noi", g_rot.reshape(n, -1, g_rot.shape[1]),
-                                           a_rot.reshape(n, -1, a_rot.shape[1]))
-                total += per_example.square().sum(0)
+                g_n, a_n = g_rot.reshape(n, -1, g_rot.shape[1]), a_rot.reshape(n, -1, a_rot.shape[1])
+                step = max(1, PER_EXAMPLE_ELEMENTS // max(1, total.numel()))  # bounded memory
+                for i in range(0, n, step):
+                    per_example = torch.einsum("npo,npi->noi", g_n[i : i + step], a_n[i : i + step])
+                    total += per_example.square().sum(0)
                 count += n
             else:  # rank-one per row: ((U_G^T g)^2)((U_A^T a)^2)^T
                 total.addmm_(g_rot.square().T, a_rot.square())
