@@ -322,3 +322,28 @@ def test_conv_scalings_in_chunks_of_examples_equal_all_at_once(monkeypatch):
         results.append(opt.block_state(0)["estimator"]["scale"].clone())
     assert results[0].shape == (3, 19)
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
+
+
+def test_batched_directions_equal_block_by_block():
+    class OneByOne(curvkit_kfac.EigenCorrected):
+        def apply_group(self, blocks, states, directions, inverses, *, gradients, statistics=None):
+            return [self.apply(b, s, d, inv, gradient=g, statistics=st)
+                    for b, s, d, inv, g, st in zip(blocks, states, directions, inverses, gradients, statistics)]
+
+    params = []
+    for pre in (curvkit_kfac.EigenCorrected(), OneByOne()):
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4, bias=False)).double()
+        opt = curvkit.compose(model.parameters(), estimator="ekfac", preconditioner=pre, inverter="eigenbasis",
+                              model=model, lr=0.1, damping=0.1, invert_every=2)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            x = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+            out = model(x)
+            opt.zero_grad()
+            opt.update_curvature(out, loss=deterministic_loss(torch.randn(6, 4, dtype=torch.float64, generator=gen)))
+            out.square().sum().backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -321,13 +321,37 @@ class EigenCorrected(Preconditioner):
         gradients: Sequence[Tensor],
         statistics: Sequence[dict[str, Any]] | None = None,
     ) -> list[Tensor]:
-        """One :meth:`apply` per block, each with its estimator statistics."""
+        """Blocks whose two modes are both factored go through batched products
+        (:math:`U_G^\top M U_A` for the whole group); the rest one :meth:`apply` each."""
         if statistics is None:
             raise ValueError(_NEEDS_STATISTICS)
-        return [
-            self.apply(b, s, d, inv, gradient=g, statistics=st)
-            for b, s, d, inv, g, st in zip(blocks, states, directions, inverses, gradients, statistics)
-        ]
+        out: list[Tensor | None] = [None] * len(blocks)
+        batch = []
+        for i, (b, d, inv, st) in enumerate(zip(blocks, directions, inverses, statistics)):
+            ready = "scale" in st and st["damping"] is not None and d.dim() == 2
+            if ready and inv is not None:
+                adopt_basis(st, inv)
+            if ready and len(blocks) > 1 and all(q is not None for q in st["basis"]):
+                batch.append(i)
+            else:
+                out[i] = self.apply(b, states[i], d, inv, gradient=gradients[i], statistics=st)
+        if len(batch) == 1:
+            i = batch[0]
+            out[i] = self.apply(blocks[i], states[i], directions[i], inverses[i], gradient=gradients[i],
+                                statistics=statistics[i])
+        elif batch:
+            sts = [statistics[i] for i in batch]
+            work = sts[0]["scale"].dtype
+            m = torch.stack([directions[i] for i in batch]).to(work)
+            qg = torch.stack([st["basis"][0] for st in sts])
+            qa = torch.stack([st["basis"][1] for st in sts])
+            scale = torch.stack([st["scale"] for st in sts])
+            lam = torch.stack([torch.as_tensor(st["damping"], dtype=work, device=m.device) for st in sts])
+            rotated = qg.transpose(-1, -2) @ m @ qa / (scale + lam[:, None, None])
+            res = (qg @ rotated @ qa.transpose(-1, -2)).to(directions[batch[0]].dtype)
+            for i, r in zip(batch, res.unbind(0)):
+                out[i] = r
+        return out  # type: ignore[return-value]
 
     def apply(
         self,
