@@ -263,7 +263,8 @@ def test_no_host_reads_in_steady_state_steps(monkeypatch):
     from test_host_reads import count_host_reads
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4), nn.Tanh(),
+                          nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))  # two (4, 5) blocks: the batched path
     opt = curvkit_kfac.EKFAC(model, invert_every=4)
     data = [(torch.randn(6, 1, 6, 6), torch.randint(0, 4, (6,))) for _ in range(8)]
     _steps(model, opt, data[:5])
