@@ -295,9 +295,9 @@ class Inverter(Part):
     produces: ClassVar[str] = "matrix"
 
     #: Whether :meth:`invert` takes ``previous=``: the ``(b, d, d)`` eigenvectors of the same
-    #: factors' last refresh (an eigenbasis inverter's), or ``None`` where some factor of the
-    #: batch has none yet. The optimizer batches factors with and without one separately, so a
-    #: warm-started refresh (SOAP's QR step) gets all or nothing.
+    #: factors' last refresh (an eigenbasis inverter's), or ``None`` (not passed) at their first
+    #: refresh. The optimizer batches factors with and without a previous basis separately, so a
+    #: warm-started refresh (SOAP's QR step) gets one for every factor of a batch or for none.
     warm_start: ClassVar[bool] = False
 
     @abstractmethod
