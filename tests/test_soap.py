@@ -30,10 +30,10 @@ class ReferenceSOAP:
     """Algorithm 3 of the paper with the engine's schedule: statistics of step t enter the basis
     of step t, bases recomputed by eigh at t % f == 0 and at every step while t < f."""
 
-    def __init__(self, params, *, lr, b1, b2, bs, eps, f, wd, rotate=False):
+    def __init__(self, params, *, lr, b1, b2, bs, eps, f, wd, rotate=False, qr=False):
         self.w = [p.detach().clone() for p in params]
         self.lr, self.b1, self.b2, self.bs, self.eps, self.f, self.wd = lr, b1, b2, bs, eps, f, wd
-        self.rotate = rotate
+        self.rotate, self.qr = rotate, qr
         self.L = [None] * len(self.w)
         self.Q = [None] * len(self.w)
         self.M = [torch.zeros_like(w) for w in self.w]
@@ -49,7 +49,20 @@ class ReferenceSOAP:
                 self.L[n] = grams
             else:
                 self.L[n] = [self.bs * a + (1 - self.bs) * b for a, b in zip(self.L[n], grams)]
-            if t % self.f == 0 or t < self.f:
+            if (t % self.f == 0 or t < self.f) and self.qr and self.Q[n] is not None:
+                # the authors' warm-started refresh: columns sorted by their estimated eigenvalue
+                # (descending), Adam's second moment permuted with them (carry), one power step, QR
+                new = []
+                for i, (m, o) in enumerate(zip(self.L[n], self.Q[n])):
+                    idx = torch.argsort(torch.diagonal(o.T @ m @ o), descending=True)
+                    o = o[:, idx]
+                    if not self.rotate:
+                        self.V[n] = self.V[n].index_select(i, idx)
+                    new.append(torch.linalg.qr(m @ o)[0])
+                if self.rotate:
+                    self.V[n] = fold_product(self.V[n], [(qn.T @ qo) ** 2 for qn, qo in zip(new, self.Q[n])])
+                self.Q[n] = new
+            elif t % self.f == 0 or t < self.f:
                 new = [torch.linalg.eigh(s)[1] for s in self.L[n]]
                 if self.rotate and self.Q[n] is not None:
                     self.V[n] = fold_product(self.V[n], [(qn.T @ qo) ** 2 for qn, qo in zip(new, self.Q[n])])
@@ -88,6 +101,60 @@ def test_soap_matches_the_paper_algorithm_over_basis_refreshes(rotate):
     assert all(isinstance(e, EigenBasis) for e in opt.block_state(2)["inverses"])
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_soap_qr_refresh_matches_the_authors_warm_started_power_step(rotate):
+    """refresh="qr": first basis by eigh, later ones by one QR power step from the previous basis
+    (columns sorted by estimated eigenvalue, the second moment permuted with them), as the
+    authors' code does; checked over the refreshes at t = 0, 1, 2, 3, 6 and against eigh."""
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(5, 3), (4, 4), (3, 2, 4)]
+    params = [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    kw = dict(lr=0.01, b1=0.9, b2=0.95, bs=0.8, eps=1e-8, f=3, wd=0.02)
+    ref = ReferenceSOAP(params, rotate=rotate, qr=True, **kw)
+    eigh_ref = ReferenceSOAP(params, rotate=rotate, **kw)
+    opt = curvkit.SOAP(params, lr=0.01, betas=(0.9, 0.95), shampoo_beta=0.8, precondition_frequency=3,
+                       weight_decay=0.02, on_refresh="rotate" if rotate else "carry", basis_refresh="qr")
+    for _ in range(8):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(grads)
+        eigh_ref.step(grads)
+        for p, w in zip(params, ref.w):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-9, atol=1e-11)
+    assert opt.block_state(0)["inverses"][0].version == 5
+    # the warm-started bases are not eigh's: the test above can tell the two refreshes apart
+    moved = [float(((a - s) - (b - s)).abs().max()) for a, b, s in zip(ref.w, eigh_ref.w, start)]
+    assert max(moved) > 1e-7, moved
+    # and the QR basis is orthonormal and close to an eigenbasis of the factor it refreshed
+    entry = opt.block_state(0)["inverses"][0]
+    eye = torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(entry.vectors.T @ entry.vectors, eye, rtol=0, atol=1e-12)
+
+
+def test_qr_refresh_converges_to_the_eigenbasis_and_first_refresh_is_eigh():
+    """Repeated warm-started steps on a fixed factor are subspace iteration: the basis converges
+    to the eigenvectors (up to sign and column order) and the values to the damped powers."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 6, 6, generator=gen, dtype=torch.float64)
+    m = x @ x.transpose(-1, -2) + torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
+    damping, order = torch.full((2,), 0.1, dtype=torch.float64), torch.tensor([1, 2])
+    inv = curvkit.Eigenbasis(refresh="qr")
+    cold = inv.invert(m, damping=damping, order=order)
+    eigh = curvkit.Eigenbasis().invert(m, damping=damping, order=order)
+    torch.testing.assert_close(cold[0], eigh[0])  # no previous: eigh
+    vecs = torch.linalg.qr(torch.randn(2, 6, 6, generator=gen, dtype=torch.float64))[0]
+    for _ in range(300):
+        vecs, vals = inv.invert(m, damping=damping, order=order, previous=vecs)
+    overlap = (vecs.transpose(-1, -2) @ eigh[0]).abs()  # a permutation matrix at convergence
+    torch.testing.assert_close(overlap.max(dim=-1).values, torch.ones(2, 6, dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(vals.sort(dim=-1).values, eigh[1].sort(dim=-1).values, rtol=1e-8, atol=0)
+    with pytest.raises(ValueError, match="refresh"):
+        curvkit.Eigenbasis(refresh="power")
+
+
 def test_rotate_differs_from_carry():
     """The two refresh policies are distinguishable (so the test above can fail for each)."""
     gen = torch.Generator().manual_seed(12)
@@ -102,24 +169,14 @@ def test_rotate_differs_from_carry():
     assert float((out[0] - out[1]).abs().max()) > 1e-6
 
 
-class Reconstructed(curvkit.Inverter):
-    """The eigenbasis inverter seen as a matrix inverter: Q diag(values) Q^T (so that
-    check_inverter, which expects matrices, can test it)."""
-
-    Config = curvkit.Eigenbasis.Config
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.inner = curvkit.Eigenbasis(config=self.config)
-
-    def invert(self, matrices, *, damping, order):
-        vecs, vals = self.inner.invert(matrices, damping=damping, order=order)
-        return (vecs * vals.unsqueeze(-2)) @ vecs.transpose(-1, -2)
-
-
+@pytest.mark.parametrize("refresh", ["eigh", "qr"])
 @pytest.mark.parametrize("power", [1.0, "1/2k"])
-def test_eigenbasis_inverter_reconstructs_the_damped_power(power):
-    check_inverter(Reconstructed(power=power), reference=fractional_power_reference(power))
+def test_eigenbasis_inverter_conforms_and_reconstructs_the_damped_power(power, refresh):
+    """check_inverter takes eigenbasis inverters: (vectors, values) checked, Q diag(values) Q^T
+    compared with the dense reference, cold and (qr) warm-started from the exact eigenbasis."""
+    check_inverter(curvkit.Eigenbasis(power=power, refresh=refresh), reference=fractional_power_reference(power))
+    check_inverter(curvkit.Eigenbasis(power=power, refresh=refresh), dtype=torch.float32)
+    check_part("inverter", "eigenbasis", options={"refresh": refresh})
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(4, 6, 6, generator=gen, dtype=torch.float64)
     m = a @ a.transpose(-1, -2)
@@ -162,3 +219,40 @@ def test_soap_preset_conforms_and_routes():
         curvkit.SOAP([nn.Parameter(torch.zeros(2, 2))], betas=(0.9,))
     with pytest.raises(ValueError, match="on_refresh"):
         curvkit.SOAP([nn.Parameter(torch.zeros(2, 2))], on_refresh="reset")
+    with pytest.raises(ValueError, match="refresh"):
+        curvkit.SOAP([nn.Parameter(torch.zeros(2, 2))], basis_refresh="power")
+    check_part("method", "SOAP", options={"basis_refresh": "qr"})
+
+
+class _BrokenEigenbasis(curvkit.Eigenbasis):
+    def __init__(self, fault, **kw):
+        super().__init__(**kw)
+        self.fault = fault
+
+    def invert(self, matrices, *, damping, order, previous=None):
+        vecs, vals = super().invert(matrices, damping=damping, order=order, previous=previous)
+        if self.fault == "not orthonormal":
+            return 1.01 * vecs, vals
+        if self.fault == "wrong values":
+            return vecs, 2 * vals
+        if self.fault == "values shape":
+            return vecs, vals[:, :-1]
+        if self.fault == "warm modifies previous" and previous is not None:
+            previous.mul_(-1)
+        if self.fault == "warm values wrong" and previous is not None:
+            return vecs, 2 * vals
+        return vecs, vals
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("not orthonormal", "not orthonormal"),
+    ("wrong values", "reference"),
+    ("values shape", "expected"),
+    ("warm modifies previous", "previous"),
+    ("warm values wrong", "warm-started\\) differs from the reference"),
+])
+def test_check_inverter_catches_broken_eigenbasis_inverters(fault, message):
+    from curvkit.testing import ConformanceError
+
+    with pytest.raises(ConformanceError, match=message):
+        check_inverter(_BrokenEigenbasis(fault, refresh="qr"), reference=fractional_power_reference(1.0))

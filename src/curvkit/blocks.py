@@ -35,6 +35,7 @@ from einops import rearrange
 from torch import Tensor
 
 __all__ = [
+    "describe_kronecker",
     "Block",
     "BlockPlan",
     "HomogeneousLayout",
@@ -246,11 +247,30 @@ def layer_block(
     )
 
 
+def describe_kronecker(block: Block) -> str:
+    """One line for a block preconditioned by one matrix per mode: ``"Kronecker 2 modes: 64x64,
+    33x33"`` (``"identity (d)"`` on an unfactored mode), or ``"momentum (unfactored)"`` when no mode
+    is factored."""
+    if not any(block.factored):
+        return "momentum (unfactored)"
+    modes = ", ".join(f"{d}x{d}" if f else f"identity ({d})" for d, f in zip(block.shape, block.factored))
+    count = sum(block.factored)
+    which = f"{count} mode{'s' if count > 1 else ''}" if count == block.order else f"{count} of {block.order} modes"
+    return f"Kronecker {which}: {modes}"
+
+
 @dataclass
 class BlockPlan:
-    """The list of blocks an optimizer built, printable as a table."""
+    """The list of blocks an optimizer built, printable as a table.
+
+    Attributes:
+        blocks: the blocks, in plan order.
+        descriptions: per block, what the method does to it (the preconditioner's
+            ``describe``); shown as the ``preconditioning`` column when given.
+    """
 
     blocks: list[Block] = field(default_factory=list)
+    descriptions: list[str] | None = None
 
     def __iter__(self):
         return iter(self.blocks)
@@ -259,8 +279,12 @@ class BlockPlan:
         return len(self.blocks)
 
     def rows(self) -> list[dict[str, object]]:
-        """One :meth:`Block.describe` row per block."""
-        return [b.describe() for b in self.blocks]
+        """One :meth:`Block.describe` row per block (plus ``preconditioning`` when known)."""
+        rows = [b.describe() for b in self.blocks]
+        if self.descriptions is not None:
+            for row, text in zip(rows, self.descriptions):
+                row["preconditioning"] = text
+        return rows
 
     def coverage(self) -> float:
         """Share of the parameters' entries that get curvature (a factored mode in their block)."""
@@ -274,8 +298,8 @@ class BlockPlan:
             return "(no blocks)"
         cols = list(rows[0])
         widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-        line = "  ".join(c.ljust(widths[c]) for c in cols)
+        line = "  ".join(c.ljust(widths[c]) for c in cols).rstrip()
         out = [line, "  ".join("-" * widths[c] for c in cols)]
-        out += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+        out += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip() for r in rows]
         out.append(f"curvature coverage: {100 * self.coverage():.1f}% of parameter entries")
         return "\n".join(out)

@@ -334,6 +334,12 @@ class Inverter(Part):
     #: What :meth:`invert` returns: ``"matrix"`` (dense ``(b, d, d)``) or ``"eigenbasis"``.
     produces: ClassVar[str] = "matrix"
 
+    #: Whether :meth:`invert` takes ``previous=``: the ``(b, d, d)`` eigenvectors of the same
+    #: factors' last refresh (an eigenbasis inverter's), or ``None`` (not passed) at their first
+    #: refresh. The optimizer batches factors with and without a previous basis separately, so a
+    #: warm-started refresh (SOAP's QR step) gets one for every factor of a batch or for none.
+    warm_start: ClassVar[bool] = False
+
     @abstractmethod
     def invert(self, matrices: Tensor, *, damping: Tensor, order: Tensor) -> Tensor:
         """Invert a batch of factors."""
@@ -352,6 +358,20 @@ class Preconditioner(Part):
     #: :class:`~curvkit.operators.InverseOperator`; :func:`curvkit.compose` checks the
     #: inverter's :attr:`Inverter.produces` against it when it builds.
     accepts: ClassVar[tuple[str, ...]] = ("matrix", "eigenbasis", "operator")
+
+    #: Whether :meth:`apply_group` also reads each block's estimator statistics: the optimizer
+    #: then passes ``statistics=[estimator state of each block]`` (EKFAC's per-coordinate
+    #: scalings), and :func:`curvkit.compose` calls :meth:`check_estimator` when it builds.
+    reads_statistics: ClassVar[bool] = False
+
+    def check_estimator(self, estimator: "CurvatureEstimator") -> None:
+        """Raise ``ValueError`` if ``estimator``'s statistics are not what this preconditioner
+        reads (called by :func:`curvkit.compose` when :attr:`reads_statistics` is set)."""
+
+    def describe(self, block: "Block") -> str:
+        """One line saying what this preconditioner does to ``block`` (a column of
+        :meth:`curvkit.CurvatureOptimizer.block_plan`); the registered name by default."""
+        return self.name or type(self).__name__
 
     def apply_group(
         self,

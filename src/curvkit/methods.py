@@ -81,6 +81,8 @@ def compose(
             f"{'estimator ' + repr(est.name) if est.factors_are_inverses else 'inverter ' + repr(inv.name)} "
             f"produces {produces!r}: choose parts that fit together"
         )
+    if pre.reads_statistics:
+        pre.check_estimator(est)
     return CurvatureOptimizer(params, estimator=est, preconditioner=pre, inverter=inv, **options)
 
 

@@ -310,8 +310,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return self._run.step
 
     def block_plan(self) -> BlockPlan:
-        """The block plan (``print(opt.block_plan())`` shows a table and the curvature coverage)."""
-        return BlockPlan(list(self._blocks))
+        """The block plan (``print(opt.block_plan())`` shows a table and the curvature coverage;
+        its last column is the preconditioner's one-line description of each block)."""
+        return BlockPlan(list(self._blocks), [self.preconditioner.describe(b) for b in self._blocks])
 
     def health(self) -> dict[str, dict[str, int]]:
         """Per-block counters of numerical fallbacks and misuse (see :mod:`curvkit.safeguards`).

@@ -110,6 +110,7 @@ def SOAP(
     precondition_frequency: int = 10,
     max_precond_dim: int | None = 10000,
     on_refresh: str = "carry",
+    basis_refresh: str = "eigh",
     route_unmodelled: str | None = None,
     unmodelled: Sequence[str] = (),
     model: nn.Module | None = None,
@@ -129,16 +130,17 @@ def SOAP(
             \frac{M \times_i Q_i^\top}{\sqrt V + \epsilon} \times_i Q_i .
 
     Parts: ``tensor_normal`` (``evidence="empirical"``, ``normalize=False``, EMA
-    :math:`\beta_s`), ``eigenbasis`` (``eigh`` at every refresh), ``adam_eigenbasis``; the
+    :math:`\beta_s`), ``eigenbasis`` (``eigh`` at every refresh, or with
+    ``basis_refresh="qr"`` the authors' warm-started QR power step after the first), ``adam_eigenbasis``; the
     optimizer's momentum with ``dampening = momentum = beta1`` is Adam's first moment. Defaults
     are the paper's (``lr=3e-3, betas=(0.95, 0.95)``, :math:`\beta_s = \beta_2`,
     ``precondition_frequency=10``, ``weight_decay=0.01``, ``max_precond_dim=10000``).
 
     Differences from the authors' code, by construction of the engine: the statistics of step
     :math:`t` enter the basis used at step :math:`t` (the authors update after the step, and skip
-    the first step to build the basis); the basis is recomputed by ``eigh`` at every refresh (the
-    authors' one QR power iteration needs the previous basis, which inverters do not receive);
-    weight decay is applied before the update instead of after it.
+    the first step to build the basis); by default the basis is recomputed by ``eigh`` at every
+    refresh (``basis_refresh="qr"`` is the authors' one QR power iteration from the previous
+    basis); weight decay is applied before the update instead of after it.
     """
     b1, b2 = _betas("betas", betas)
     beta_s = b2 if shampoo_beta is None else shampoo_beta
@@ -154,6 +156,7 @@ def SOAP(
         inverter="eigenbasis",
         preconditioner=pre,
         estimator_options={"evidence": "empirical", "normalize": False, "stat_decay": beta_s},
+        inverter_options={"refresh": basis_refresh},
         preconditioner_options=pre_opts,
         lr=lr, momentum=b1, dampening=b1, weight_decay=weight_decay, damping=1e-12,
         curvature_every=1, invert_every=precondition_frequency, max_factor_dim=max_precond_dim,

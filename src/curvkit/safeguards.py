@@ -6,7 +6,9 @@ the working dtype, so one bad factor never sends its batch-mates to float64. A f
 is still not finite (or whose call raised) is retried alone in float64, then with 10x and 100x the
 damping; if all of that fails the block keeps its last good inverse (or, before it has one, an
 identity on that mode). Inputs that are themselves not finite go straight to the last good
-inverse. Every fallback is counted in the block's health counters and warned about the first
+inverse. A warm-started inverter (``Inverter.warm_start``) gets the previous eigenvectors in the
+batched call and in the one-by-one retry; the float64 and extra-damping retries start cold. Every
+fallback is counted in the block's health counters and warned about the first
 time. The finiteness checks read one flag per factor on the host: inversion steps synchronise
 (once per batch), ordinary steps do not.
 """
@@ -62,17 +64,21 @@ class InversionRequest:
     key: tuple[int, int]  # (block index, mode)
     factor: Factor
     order: int
-    previous: Tensor | None
+    previous: Any  # the last inverse: a tensor, an EigenBasis, or None
 
 
 def _finite_rows(batch: Tensor) -> list[bool]:
     return torch.isfinite(batch).flatten(1).all(dim=1).tolist()
 
 
-def _invert_batch(inverter: Inverter, matrices: Tensor, damping: Tensor, order: Tensor) -> tuple[Any, list[bool]] | None:
+def _invert_batch(inverter: Inverter, matrices: Tensor, damping: Tensor, order: Tensor,
+                  previous: Tensor | None = None) -> tuple[Any, list[bool]] | None:
     """Run the inverter on a batch; ``(results, finite per row)`` or ``None`` if it raised."""
     try:
-        out = inverter.invert(matrices, damping=damping, order=order)
+        if previous is not None:  # a warm-started inverter (Inverter.warm_start)
+            out = inverter.invert(matrices, damping=damping, order=order, previous=previous)  # type: ignore[call-arg]
+        else:
+            out = inverter.invert(matrices, damping=damping, order=order)
     except (RuntimeError, torch.linalg.LinAlgError):
         return None
     if isinstance(out, tuple):  # an eigenbasis inverter: (vectors, values)
@@ -81,12 +87,14 @@ def _invert_batch(inverter: Inverter, matrices: Tensor, damping: Tensor, order: 
     return out, _finite_rows(out)
 
 
-def _invert_one(inverter: Inverter, matrix: Tensor, damping: Tensor, order: int) -> Any:
+def _invert_one(inverter: Inverter, matrix: Tensor, damping: Tensor, order: int,
+                previous: Tensor | None = None) -> Any:
     result = _invert_batch(
         inverter,
         matrix.unsqueeze(0),
         damping.reshape(1).to(matrix.dtype),
         torch.tensor([order], device=matrix.device),
+        None if previous is None else previous.unsqueeze(0).to(matrix.dtype),
     )
     if result is None or not result[1][0]:
         return None
@@ -112,19 +120,21 @@ def invert_all(
     groups: dict[tuple[Any, ...], list[InversionRequest]] = defaultdict(list)
     for req in requests:
         m = req.factor.matrix
-        groups[(m.shape[-1], m.dtype, m.device)].append(req)
+        groups[(m.shape[-1], m.dtype, m.device, _warm(inverter, req) is not None)].append(req)
     results: dict[tuple[int, int], Any] = {}
-    for (_, dtype, device), reqs in groups.items():
+    for (_, dtype, device, warm), reqs in groups.items():
+        previous = torch.stack([_warm(inverter, r).to(dtype) for r in reqs]) if warm else None  # type: ignore[union-attr]
         matrices = torch.stack([r.factor.matrix for r in reqs])
         damping = torch.stack(
             [torch.as_tensor(r.factor.damping, dtype=dtype, device=device).reshape(()) for r in reqs]
         )
         order = torch.tensor([r.order for r in reqs], device=device)
         input_ok = _finite_rows(torch.cat([matrices.flatten(1), damping[:, None]], dim=1))
-        batch = _invert_batch(inverter, matrices, damping, order) if all(input_ok) else None
+        batch = _invert_batch(inverter, matrices, damping, order, previous) if all(input_ok) else None
         if batch is None:  # raised (or bad inputs): one by one in the working dtype, no float64 yet
             outs = [
-                _invert_one(inverter, r.factor.matrix, damping[i], r.order) if input_ok[i] else None
+                _invert_one(inverter, r.factor.matrix, damping[i], r.order, None if previous is None else previous[i])
+                if input_ok[i] else None
                 for i, r in enumerate(reqs)
             ]
             ok = [o is not None for o in outs]
@@ -136,6 +146,19 @@ def invert_all(
                 continue
             results[req.key] = _recover(inverter, req, input_ok[i], health)
     return results
+
+
+def _warm(inverter: Inverter, req: InversionRequest) -> Tensor | None:
+    """The previous eigenvectors of a warm-started inverter's factor, if it has a real one (the
+    identity placeholder of a fresh state, version 0, does not count: its first refresh is cold)."""
+    from .operators import EigenBasis
+
+    prev = req.previous
+    if not inverter.warm_start or not isinstance(prev, EigenBasis) or prev.version <= 0:
+        return None
+    if tuple(prev.vectors.shape) != tuple(req.factor.matrix.shape):
+        return None
+    return prev.vectors
 
 
 def _recover(inverter: Inverter, req: InversionRequest, input_ok: bool, health: Any) -> Any:

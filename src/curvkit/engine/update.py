@@ -102,12 +102,18 @@ class UpdateRule:
         for i, b in enumerate(blocks):
             shape_groups[(b.shape, buffers[i].dtype, buffers[i].device, b.kind)].append(i)
         for idx in shape_groups.values():
+            # --- seam: preconditioners that read the estimator's statistics (EKFAC) ---
+            extra: dict[str, Any] = {}
+            if self.preconditioner.reads_statistics:
+                extra["statistics"] = [states[i]["estimator"] for i in idx]
+            # --- end seam ---
             outs = self.preconditioner.apply_group(
                 [blocks[i] for i in idx],
                 [states[i]["preconditioner"] for i in idx],
                 [buffers[i] for i in idx],
                 [inverses[i] for i in idx],
                 gradients=[safe[i] for i in idx],
+                **extra,
             )
             for i, d in zip(idx, outs):
                 directions[i] = d

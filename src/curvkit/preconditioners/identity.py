@@ -25,6 +25,10 @@ class IdentityPreconditioner(Preconditioner):
 
     Config = IdentityPreconditionerConfig
 
+    def describe(self, block: Block) -> str:
+        """What the block gets."""
+        return "momentum (no curvature)"
+
     def apply(
         self,
         block: Block,

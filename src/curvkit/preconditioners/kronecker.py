@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..blocks import Block
+from ..blocks import Block, describe_kronecker
 from ..contractions import mode_products
 from ..interfaces import PartConfig, Preconditioner
 from ..registry import register
@@ -33,6 +33,10 @@ class KroneckerMode(Preconditioner):
     """
 
     Config = KroneckerModeConfig
+
+    def describe(self, block: Block) -> str:
+        """What the block gets (``"Kronecker 2 modes: 64x64, 33x33"``)."""
+        return describe_kronecker(block)
 
     def apply(
         self,

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..interfaces import BlockEvidence, CurvatureEstimator, Factor, Inverter, Preconditioner, Source
 from ..methods import build_part
 from ..optimizer import CurvatureOptimizer
+from ..operators import EigenBasis
 from ._common import (
     DataFactory, ModelFactory, Problem, assert_finite, assert_symmetric_psd, fail, roundtrip, train_step,
     true_label_loss,
@@ -71,7 +72,10 @@ def _check_factors(who: str, opt: CurvatureOptimizer, what: str, rtol: float, *,
             if not bool(torch.isfinite(damp).all()) or bool((damp < 0).any()):
                 fail(who, f"block {b.name!r} mode {mode}: damping {f.damping!r} is not finite and >= 0 ({what})")
         for j, inv in enumerate(state["inverses"] or []):
-            if inv is not None:
+            if isinstance(inv, EigenBasis):  # an eigenbasis inverter's entry: check both parts
+                assert_finite(who, f"inverse {j} (eigenvectors) of block {b.name!r} ({what})", inv.vectors)
+                assert_finite(who, f"inverse {j} (eigenvalues) of block {b.name!r} ({what})", inv.values)
+            elif inv is not None:
                 assert_finite(who, f"inverse {j} of block {b.name!r} ({what})", inv)
 
 
