@@ -332,6 +332,21 @@ def _check_accumulation(who: str, problem: Problem, make_opt, source: Source, ba
     micro_model = copy.deepcopy(whole_model)
     whole, micro = make_opt(whole_model), make_opt(micro_model)
 
+    def before_inversion(opt: CurvatureOptimizer) -> list[dict[str, Any]]:
+        """The estimator states as the step folded them, before an inversion may rotate what a
+        coupled preconditioner keeps there (EKFAC's scalings follow their eigenbasis)."""
+        taken: list[dict[str, Any]] = []
+        original = opt._compute_inverses
+
+        def snapshot(*args: Any, **kwargs: Any) -> Any:
+            taken.extend(copy.deepcopy(opt._state_of(b)["estimator"]) for b in opt.blocks)
+            return original(*args, **kwargs)
+
+        opt._compute_inverses = snapshot  # type: ignore[method-assign]
+        return taken
+
+    seen = {id(whole): before_inversion(whole), id(micro): before_inversion(micro)}
+
     def fixed(targets: Tensor):  # a deterministic stand-in for the sampled likelihood
         return lambda outputs, generator: true_label_loss(outputs, targets, problem.loss)
 
@@ -346,8 +361,11 @@ def _check_accumulation(who: str, problem: Problem, make_opt, source: Source, ba
             micro.update_curvature(out, fixed(y[sl]))
         (true_label_loss(out, y[sl], problem.loss) * (sl.stop - sl.start) / n).backward()
     micro.step()
-    for bw, bm in zip(whole.blocks, micro.blocks):
-        sw, sm = whole.block_state(bw)["estimator"], micro.block_state(bm)["estimator"]
+    for opt in (whole, micro):
+        del opt._compute_inverses
+    states_w = seen[id(whole)] or [whole.block_state(b)["estimator"] for b in whole.blocks]
+    states_m = seen[id(micro)] or [micro.block_state(b)["estimator"] for b in micro.blocks]
+    for bw, sw, sm in zip(whole.blocks, states_w, states_m):
         for key, tw in sw.items():
             tm = sm.get(key)
             if isinstance(tw, Tensor) and tw.is_floating_point() and isinstance(tm, Tensor):

@@ -185,24 +185,20 @@ class EKFACEstimator(KFACEstimator):
                 got = None if q is None else tuple(q.shape)
                 raise ValueError(f"block {block.name!r}: saved basis of mode {mode} of shape {got} does not fit size {d}")
 
+    # ``update`` is KFAC's: :meth:`batch_statistics` then :meth:`fold` (these two add the scalings)
     @torch.no_grad()
-    def update(
-        self,
-        block: Block,
-        state: dict[str, Any],
-        evidence: BlockEvidence,
-        *,
-        decay: float | None = None,
-    ) -> bool | None:
-        r"""KFAC's update of ``A`` and ``G``, then :math:`s \leftarrow \beta s + (1 - \beta) \hat s`
-        with :math:`\hat s` from the per-example gradients in ``state["basis"]`` (``decay=None``:
-        :math:`\beta = 0` at the first update, ``scale_decay`` after; an explicit ``decay`` is
-        used as it is, as for ``A`` and ``G``)."""
-        first_kfac = state.get("updates", 0) == 0
-        result = super().update(block, state, evidence, decay=decay)
-        if block.module is None or result is False:
-            return result
-        phase = "sampled" if self.config.evidence == "sampled" else "minibatch"
+    def batch_statistics(self, block: Block, state: dict[str, Any], evidence: BlockEvidence) -> dict[str, Any] | bool | None:
+        r"""KFAC's sums, plus ``scale`` :math:`= \sum_n (U_G^\top \nabla_n U_A)^2` over the batch's
+        examples in ``state["basis"]`` and their number ``scale_count``; several micro-batches of
+        one step (one basis) add up to the whole batch's. With empirical evidence the gradients
+        stay unscaled, as KFAC's ``G`` (:meth:`fold` applies :math:`c^2`)."""
+        if block.module is None:
+            return None
+        stats = super().batch_statistics(block, state, evidence)
+        if stats is False:
+            return False
+        sampled = self.config.evidence == "sampled"
+        phase = "sampled" if sampled else "minibatch"
         calls = []
         for module in layer_modules(block):
             record = evidence.layer.records.get(module)  # type: ignore[union-attr]
@@ -210,16 +206,31 @@ class EKFACEstimator(KFACEstimator):
                 calls += [(module, a, g) for a, g in zip(record.inputs, record.grads(phase)) if g is not None]
         if not calls:
             return False
-        if state["A"] is None and state["G"] is None and first_kfac:
-            state["updates"] += 1  # kfac keeps no factor here; count so that factors() reports the modes
-        s = state["scale"]
         c = self._gradient_scale(evidence, calls[0][1])
-        total, count = self._scalings(block, state, calls, c)
+        total, count = self._scalings(block, state, calls, c if sampled else 1.0)
+        out = dict(stats) if stats else {"batch": 0.0 if sampled else c}
+        out.update(scale=total, scale_count=count)
+        return out
+
+    @torch.no_grad()
+    def fold(self, block: Block, state: dict[str, Any], statistics: dict[str, Any], *, decay: float | None = None) -> None:
+        r"""KFAC's fold of ``A`` and ``G``, then :math:`s \leftarrow \beta s + (1 - \beta) \hat s`
+        with :math:`\hat s` = ``scale`` / ``scale_count`` (``decay=None``: :math:`\beta = 0` at the
+        first update, ``scale_decay`` after; an explicit ``decay`` is used as it is, as for ``A``
+        and ``G``)."""
+        if state["A"] is None and state["G"] is None:  # kfac keeps no factor here: count the
+            state["updates"] = max(state["updates"], 1)  # update so that factors() reports the modes
+        else:
+            super().fold(block, state, statistics, decay=decay)
+        c2 = 1.0
+        if self.config.evidence != "sampled":
+            c = float(self.config.gradient_scale) if self.config.gradient_scale is not None else float(statistics["batch"])
+            c2 = c * c
+        s = state["scale"]
         if decay is None:
             decay = 0.0 if state["scale_updates"] == 0 else self._scale_decay
-        s.mul_(decay).add_(total, alpha=(1.0 - decay) / count)
+        s.mul_(decay).add_(statistics["scale"], alpha=(1.0 - decay) * c2 / statistics["scale_count"])
         state["scale_updates"] += 1
-        return result
 
     @property
     def _scale_decay(self) -> float:
