@@ -36,6 +36,7 @@ from .engine.evidence import EvidenceCollector
 from .engine.health import HealthMonitor
 from .engine.params import GROUP_OPTIONS, check_parameter, normalise_params, validate_group_options
 from .engine.runstate import RunState
+from .engine.sharding import ShardedParams
 from .engine.states import BlockStates
 from .engine.update import UpdateRule
 from .fisher import LossSpec
@@ -203,6 +204,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._collector.distributor = self._distributor
         self._owners: dict[tuple[int, int], int] = {}
         self._update = UpdateRule(preconditioner, self._health, nonfinite=nonfinite)
+        # FSDP2: DTensor parameters are worked on as full tensors (curvkit.engine.sharding)
+        self._sharding = ShardedParams.detect([p for g in self.param_groups for p in g["params"]], self._param_names)
+        self._collector.sharding = self._update.sharding = self._sharding
         self._used_grads: dict[int, tuple[weakref.ref, int]] = {}
         self._build_plan()
         self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
@@ -611,6 +615,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         t = self._run.step
         active = [bi for bi, b in enumerate(self._blocks) if any(p.grad is not None for p in b.params)]
         self._check_params(active)
+        full = None if self._sharding is None else self._sharding.full_grads(self._blocks, active)  # FSDP2
 
         # 1. evidence: the minibatch gradient (when the estimator reads it), pending micro-batches
         recorder = self._collector.recorder
@@ -626,7 +631,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             due = set(self._due_blocks())
             ids = [bi for bi in active if bi in due]
             if ids:
-                self._collector.feed(ids, {id(p): p.grad for bi in ids for p in self._blocks[bi].params})
+                self._collector.feed(ids, {id(p): p.grad if full is None else full[id(p)] for bi in ids for p in self._blocks[bi].params})
                 self._run.stats_taken_at = t
         self._collector.flush(self._due_blocks() if self._distributor is not None else None, strict=self.strict)
         self._check_stale()
@@ -649,7 +654,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             blocks, active, states, inverses,
             group_of=lambda p: self.param_groups[self._group_of_param[id(p)]],
             schedule_group=[self.param_groups[b.group] for b in blocks],
-            step=t,
+            step=t, full_grads=full,
         )
         self._run.step += 1
         if synced:  # the step read the host anyway: read the device counters, warn once
