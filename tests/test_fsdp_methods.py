@@ -149,6 +149,32 @@ def scenario_uneven(rank: int, world: int) -> dict:
     return {"params": full_tensors([p.detach() for p in model.parameters()]), "stats": statistics(opt)}
 
 
+MICRO = [[3, 5], [4, 2]]  # micro-batch sizes of rank 0 and rank 1
+
+
+def micro_data(rank: int, step: int, k: int):
+    return data(10 * rank + k, step, MICRO[rank][k])
+
+
+def scenario_accumulate(rank: int, world: int) -> dict:
+    """TNT with two micro-batches of different sizes per rank and step (gradient accumulation)."""
+    from curvkit.distributed import full_tensors
+
+    model = shard(make_model())
+    opt = build("TNT", model)
+    total = sum(map(sum, MICRO))
+    for step in range(3):
+        opt.zero_grad()
+        for k in range(2):
+            x, y, t = micro_data(rank, step, k)
+            out = model(x)
+            opt.update_curvature(out, loss=fixed(t))
+            # the global batch's mean loss, as FSDP2 averages the ranks' accumulated gradients
+            (F.cross_entropy(out, y, reduction="sum") * world / total).backward()
+        opt.step()
+    return {"params": full_tensors([p.detach() for p in model.parameters()]), "stats": statistics(opt)}
+
+
 def scenario_kbfgs(rank: int, world: int) -> dict:
     import curvkit
 
@@ -160,7 +186,8 @@ def scenario_kbfgs(rank: int, world: int) -> dict:
     return {"error": ""}
 
 
-SCENARIOS = {"methods": scenario_methods, "uneven": scenario_uneven, "kbfgs": scenario_kbfgs}
+SCENARIOS = {"methods": scenario_methods, "uneven": scenario_uneven, "kbfgs": scenario_kbfgs,
+             "accumulate": scenario_accumulate}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -211,6 +238,20 @@ def test_sampled_gradient_is_weighted_by_batch_size(tmp_path):
     opt = build("TNT", model)
     for step in range(3):
         xs, ys, ts = zip(*(data(r, step, n) for r, n in enumerate([6, 2])))
+        train_step(opt, model, torch.cat(xs), torch.cat(ys), torch.cat(ts))
+    want = {"params": [p.detach() for p in model.parameters()], "stats": statistics(opt)}
+    for res in results:
+        for key in ("params", "stats"):
+            for a, b in zip(res[key], want[key]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_micro_batches_under_fully_shard_equal_the_global_batch(tmp_path):
+    results = launch(HERE, "accumulate", 2, tmp_path)
+    model = make_model()
+    opt = build("TNT", model)
+    for step in range(3):
+        xs, ys, ts = zip(*(micro_data(r, step, k) for r in range(2) for k in range(2)))
         train_step(opt, model, torch.cat(xs), torch.cat(ys), torch.cat(ts))
     want = {"params": [p.detach() for p in model.parameters()], "stats": statistics(opt)}
     for res in results:
