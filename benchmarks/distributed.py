@@ -1,7 +1,7 @@
 r"""Sharded inversion and full training steps across gloo ranks: per-rank times at 1, 2 and 4
 processes, under DDP and FSDP2.
 
-``python -m benchmarks.distributed [--ranks 1 2 4] [--repeats 5] [--json PATH] [--full-step on|off]``
+``python -m benchmarks.distributed [--ranks 1 2 4] [--repeats 5] [--json PATH] [--full-step on]``
 
 The work is one inversion of the TNT factors of the MNIST autoencoder
 (784-1000-500-250-30-250-500-1000-784, Ren & Goldfarb 2021): each weight ``(d_out, d_in)`` has
@@ -25,15 +25,18 @@ After the run every rank checks that its shared inverses are bit-identical to ra
 that ``F @ F^{-1}`` is the identity to 1e-3 for every factor. The table goes to stdout, the
 numbers to ``--json``.
 
-**Full steps** (``--full-step``, on by default): per-rank wall time of whole TNT training steps
-(forward, ``update_curvature``, backward, ``step``) on a small MLP (``--step-widths``, default
+**Full steps** (``--full-step on``; off by default, as it takes minutes): per-rank wall time of
+whole TNT training steps (forward, ``update_curvature``, backward, ``step``) on a small MLP
+(``--step-widths``, default
 256-512-512-10, ``--step-batch`` examples per rank, cross-entropy), under DDP and under FSDP2
 (``fully_shard`` on every ``Linear`` and the root), at the same world sizes. The first
 ``invert_every`` steps (every one an inversion step, :math:`t < T_2`) are a warm-up; then
 ``--steps`` steps are timed after a barrier, which include the inversion steps of the schedule
 (``t mod T_2 = 0``), so the mean is the amortised cost per step. Reported per world size and
 setting: the mean step time of the slowest rank (wall and CPU), and the rows of factors each rank
-inverted during the timed steps (the divided inverse work). Each rank's batch is fixed, so the
+inverted during the timed steps (the divided inverse work). With ``--baseline on`` (the default)
+the same loop with :class:`torch.optim.SGD` (momentum 0.9) is timed too: the data-parallel
+setting's own cost, against which the curvature optimizer's is read. Each rank's batch is fixed, so the
 global batch grows with the number of ranks (weak scaling): on a machine whose cores are shared,
 wall time per step cannot stay flat as ranks are added, and the numbers are to be read as
 "measured under load".
@@ -157,8 +160,9 @@ def _rank(rank: int, world: int, port: int, repeats: int, dtype_name: str, width
 
 
 def _step_rank(rank: int, world: int, port: int, setting: str, widths: list[int], batch: int, steps: int,
-               invert_every: int, queue: Any) -> None:
-    """Time ``steps`` full TNT steps on this rank under ``setting`` (``"ddp"`` or ``"fsdp2"``)."""
+               invert_every: int, method: str, queue: Any) -> None:
+    """Time ``steps`` full steps of ``method`` (``"TNT"`` or the ``"SGD"`` baseline) on this rank
+    under ``setting`` (``"ddp"`` or ``"fsdp2"``)."""
     import torch.distributed as dist
     from torch import nn
 
@@ -184,15 +188,19 @@ def _step_rank(rank: int, world: int, port: int, setting: str, widths: list[int]
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             forward = DDP(model)
-        opt = curvkit.TNT(model.parameters(), model=model, lr=1e-3, invert_every=invert_every)
         rows = {"n": 0}
-        real = opt.inverter.invert
+        if method == "SGD":  # the data-parallel setting's own cost, for comparison
+            opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            opt.update_curvature = lambda *a, **k: False
+        else:
+            opt = curvkit.TNT(model.parameters(), model=model, lr=1e-3, invert_every=invert_every)
+            real = opt.inverter.invert
 
-        def counting(matrices: torch.Tensor, **kw: Any) -> torch.Tensor:
-            rows["n"] += int(matrices.shape[0])
-            return real(matrices, **kw)
+            def counting(matrices: torch.Tensor, **kw: Any) -> torch.Tensor:
+                rows["n"] += int(matrices.shape[0])
+                return real(matrices, **kw)
 
-        opt.inverter.invert = counting  # type: ignore[method-assign]
+            opt.inverter.invert = counting  # type: ignore[method-assign]
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(batch, widths[0], generator=g)
         y = torch.randint(0, widths[-1], (batch,), generator=g)
@@ -240,12 +248,13 @@ def _fork(world: int, target: Any, args: tuple[Any, ...], timeout: float) -> lis
 
 
 def run_steps(world: int, setting: str, widths: list[int], batch: int, steps: int, invert_every: int,
-              timeout: float) -> dict[str, Any]:
+              timeout: float, method: str = "TNT") -> dict[str, Any]:
     """Full-step times of ``world`` ranks under ``setting`` (see the module docstring)."""
-    ranks = _fork(world, _step_rank, (setting, widths, batch, steps, invert_every), timeout)
+    ranks = _fork(world, _step_rank, (setting, widths, batch, steps, invert_every, method), timeout)
     return {
         "ranks": world,
         "setting": setting,
+        "method": method,
         "step_s_max": max(r["step_s"] for r in ranks),
         "step_cpu_s_max": max(r["step_cpu_s"] for r in ranks),
         "inverted_rows_per_rank": [r["inverted_rows"] for r in ranks],
@@ -254,11 +263,12 @@ def run_steps(world: int, setting: str, widths: list[int], batch: int, steps: in
 
 
 def render_steps(rows: list[dict[str, Any]]) -> str:
-    head = ("setting", "ranks", "step wall ms (slowest rank)", "step CPU ms (slowest rank)", "factors inverted per rank")
+    head = ("setting", "method", "ranks", "step wall ms (slowest rank)", "step CPU ms (slowest rank)",
+            "factors inverted per rank")
     lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
     for r in rows:
         lines.append(" | ".join([
-            r["setting"], str(r["ranks"]), f"{1e3 * r['step_s_max']:.1f}", f"{1e3 * r['step_cpu_s_max']:.1f}",
+            r["setting"], r["method"], str(r["ranks"]), f"{1e3 * r['step_s_max']:.1f}", f"{1e3 * r['step_cpu_s_max']:.1f}",
             "/".join(str(n) for n in r["inverted_rows_per_rank"]),
         ]))
     return "\n".join(lines)
@@ -341,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per world size")
     parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS,
                         help="layer widths of the MLP whose factors are inverted (default: the MNIST autoencoder)")
-    parser.add_argument("--full-step", choices=["on", "off"], default="on",
+    parser.add_argument("--full-step", choices=["on", "off"], default="off",
                         help="also time full TNT steps under DDP and FSDP2 (see the module docstring)")
     parser.add_argument("--step-widths", type=int, nargs="+", default=[256, 512, 512, 10],
                         help="layer widths of the MLP trained in the full-step timing")
@@ -350,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--invert-every", type=int, default=10, help="T2 of the TNT run in the full-step timing")
     parser.add_argument("--settings", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"],
                         help="data-parallel settings of the full-step timing")
+    parser.add_argument("--baseline", choices=["on", "off"], default="on",
+                        help="also time SGD with momentum in each setting (the setting's own cost)")
     args = parser.parse_args(argv)
     if any(w < 1 for w in args.ranks) or args.repeats < 1:
         parser.error("--ranks and --repeats must be >= 1")
@@ -367,11 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     print(render(rows))
     step_rows = []
     if args.full_step == "on":
+        methods = ["TNT", "SGD"] if args.baseline == "on" else ["TNT"]
         for setting in args.settings:
-            for world in args.ranks:
-                step_rows.append(run_steps(world, setting, args.step_widths, args.step_batch, args.steps,
-                                           args.invert_every, args.timeout))
-                print(f"full steps {setting} ranks={world} done", file=sys.stderr, flush=True)
+            for method in methods:
+                for world in args.ranks:
+                    step_rows.append(run_steps(world, setting, args.step_widths, args.step_batch, args.steps,
+                                               args.invert_every, args.timeout, method))
+                    print(f"full steps {setting} {method} ranks={world} done", file=sys.stderr, flush=True)
         print()
         print(render_steps(step_rows))
     for r in rows:

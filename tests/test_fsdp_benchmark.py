@@ -19,13 +19,13 @@ def test_full_step_timing_runs_under_ddp_and_fsdp2(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.distributed", "--ranks", "1", "2", "--repeats", "1",
          "--widths", "20", "10", "--step-widths", "12", "16", "4", "--step-batch", "8", "--steps", "2",
-         "--invert-every", "2", "--json", str(out)],
+         "--invert-every", "2", "--baseline", "off", "--full-step", "on", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "setting | ranks | step wall ms" in done.stdout
+    assert "setting | method | ranks | step wall ms" in done.stdout
     data = json.loads(out.read_text())
-    rows = {(r["setting"], r["ranks"]): r for r in data["full_steps"]}
+    rows = {(r["setting"], r["ranks"]): r for r in data["full_steps"] if r["method"] == "TNT"}
     assert sorted(rows) == [("ddp", 1), ("ddp", 2), ("fsdp2", 1), ("fsdp2", 2)]
     # 12-16-4: factors of sizes 16, 12, 16 | 4, 16, 4; timed steps t = 2, 3 with T2 = 2 invert once
     for setting in ("ddp", "fsdp2"):

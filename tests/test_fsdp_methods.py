@@ -175,6 +175,24 @@ def scenario_accumulate(rank: int, world: int) -> dict:
     return {"params": full_tensors([p.detach() for p in model.parameters()]), "stats": statistics(opt)}
 
 
+def scenario_outside(rank: int, world: int) -> dict:
+    """TNT on the first layer only (model= given): the sampled backward leaves the gradients of
+    the other parameters, and the ones accumulated before it, as the true backward makes them."""
+    import curvkit
+    from curvkit.distributed import full_tensors
+
+    model = shard(make_model())
+    first = list(model[0].parameters())
+    opt = curvkit.TNT(first, model=model, lr=1e-2, invert_every=2)
+    x, y, t = data(rank, 0)
+    out = model(x)
+    opt.zero_grad()
+    model.zero_grad()
+    opt.update_curvature(out, loss=fixed(t))
+    F.cross_entropy(out, y).backward()
+    return {"grads": full_tensors([p.grad for p in model.parameters()])}
+
+
 def scenario_kbfgs(rank: int, world: int) -> dict:
     import curvkit
 
@@ -187,7 +205,7 @@ def scenario_kbfgs(rank: int, world: int) -> dict:
 
 
 SCENARIOS = {"methods": scenario_methods, "uneven": scenario_uneven, "kbfgs": scenario_kbfgs,
-             "accumulate": scenario_accumulate}
+             "accumulate": scenario_accumulate, "outside": scenario_outside}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -258,6 +276,16 @@ def test_micro_batches_under_fully_shard_equal_the_global_batch(tmp_path):
         for key in ("params", "stats"):
             for a, b in zip(res[key], want[key]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_sampled_backward_leaves_the_true_gradients(tmp_path):
+    results = launch(HERE, "outside", 2, tmp_path)
+    model = make_model()
+    xs, ys, _ = zip(*(data(r, 0) for r in range(2)))
+    F.cross_entropy(model(torch.cat(xs)), torch.cat(ys)).backward()
+    for res in results:
+        for g, p in zip(res["grads"], model.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-12)
 
 
 def test_kbfgs_is_refused_under_fully_shard(tmp_path):

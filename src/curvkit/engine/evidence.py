@@ -377,8 +377,9 @@ class EvidenceCollector:
         already averaged over the ranks: their statistics agree without a collective."""
         return self.spec.source is Source.MINIBATCH and not self.spec.layer_io
 
-    def _all_params(self) -> list[Tensor]:
-        return [p for b in self.blocks for p in b.params]
+    def _all_params(self) -> list[Tensor]:  # FSDP2: whose .grad the stashed backward sets aside
+        model = list(self.model.parameters()) if self.model is not None else []
+        return [p for b in self.blocks for p in b.params] + model
 
     @property
     def _param_order(self) -> dict[int, int]:
