@@ -193,6 +193,49 @@ def scenario_outside(rank: int, world: int) -> dict:
     return {"grads": full_tensors([p.grad for p in model.parameters()])}
 
 
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+def scenario_host_reads(rank: int, world: int) -> dict:
+    """Host reads inside update_curvature and step on steps without an inversion, FSDP2's own
+    backward and collectives included."""
+    import traceback
+
+    out: dict = {}
+    for name in ("TNT", "TNT-empirical", "KFAC", "Shampoo"):
+        model = shard(make_model())
+        opt = build(name, model)  # invert_every=2: t = 3, 5, 7 invert nothing
+        calls = {"on": False, "where": []}
+        originals = {n: getattr(torch.Tensor, n) for n in HOST_READS}
+
+        def wrap(n):
+            def f(self, *a, _orig=originals[n], **k):
+                if calls["on"]:
+                    calls["where"].append((n, traceback.format_stack(limit=6)[0].strip()))
+                return _orig(self, *a, **k)
+            return f
+
+        for n in HOST_READS:
+            setattr(torch.Tensor, n, wrap(n))
+        try:
+            for step in range(8):
+                x, y, t = data(rank, step)
+                o = model(x)
+                opt.zero_grad()
+                calls["on"] = step >= 3 and step % 2 == 1
+                opt.update_curvature(o, loss=fixed(t))
+                calls["on"] = False
+                F.cross_entropy(o, y).backward()
+                calls["on"] = step >= 3 and step % 2 == 1
+                opt.step()
+                calls["on"] = False
+        finally:
+            for n, f in originals.items():
+                setattr(torch.Tensor, n, f)
+        out[name] = calls["where"]
+    return out
+
+
 def scenario_kbfgs(rank: int, world: int) -> dict:
     import curvkit
 
@@ -205,7 +248,7 @@ def scenario_kbfgs(rank: int, world: int) -> dict:
 
 
 SCENARIOS = {"methods": scenario_methods, "uneven": scenario_uneven, "kbfgs": scenario_kbfgs,
-             "accumulate": scenario_accumulate, "outside": scenario_outside}
+             "accumulate": scenario_accumulate, "outside": scenario_outside, "host_reads": scenario_host_reads}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -286,6 +329,12 @@ def test_sampled_backward_leaves_the_true_gradients(tmp_path):
     for res in results:
         for g, p in zip(res["grads"], model.parameters()):
             torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-12)
+
+
+def test_steady_state_steps_read_nothing_on_the_host_under_fully_shard(tmp_path):
+    results = launch(HERE, "host_reads", 2, tmp_path)
+    for res in results:
+        assert res == {name: [] for name in ("TNT", "TNT-empirical", "KFAC", "Shampoo")}, res
 
 
 def test_kbfgs_is_refused_under_fully_shard(tmp_path):
