@@ -90,10 +90,25 @@ def reference(name: str, steps: int = STEPS, world: int = 2, *, perturb: float =
     ``1 + perturb``, to measure how much a method amplifies rounding)."""
     model = make_model()
     opt = build(name, model)
+    rows = count_inversions(opt)
     for step in range(steps):
         xs, ys, ts = zip(*(data(r, step) for r in range(world)))
         train_step(opt, model, torch.cat(xs) * (1 + perturb), torch.cat(ys), torch.cat(ts))
-    return {"params": [p.detach().clone() for p in model.parameters()], "stats": statistics(opt)}
+    return {"params": [p.detach().clone() for p in model.parameters()], "stats": statistics(opt),
+            "inverted": rows["n"]}
+
+
+def count_inversions(opt) -> dict:
+    """Count the factors the optimizer's inverter is given (``rows["n"]``)."""
+    rows = {"n": 0}
+    real = opt.inverter.invert
+
+    def counting(matrices, **kw):
+        rows["n"] += matrices.shape[0]
+        return real(matrices, **kw)
+
+    opt.inverter.invert = counting
+    return rows
 
 
 # ----------------------------------------------------------------------------- scenarios (ranks)
@@ -106,14 +121,7 @@ def scenario_methods(rank: int, world: int) -> dict:
     for name in METHODS:
         model = shard(make_model())
         opt = build(name, model)
-        rows = {"n": 0}
-        real = opt.inverter.invert
-
-        def counting(matrices, _real=real, **kw):
-            rows["n"] += matrices.shape[0]
-            return _real(matrices, **kw)
-
-        opt.inverter.invert = counting
+        rows = count_inversions(opt)
         for step in range(STEPS):
             x, y, t = data(rank, step)
             train_step(opt, model, x, y, t)
@@ -236,6 +244,20 @@ def scenario_host_reads(rank: int, world: int) -> dict:
     return out
 
 
+def scenario_ddp_soap(rank: int, world: int) -> dict:
+    """SOAP under DDP: the eigenbases are divided between the ranks there too."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = build("SOAP", model)
+    rows = count_inversions(opt)
+    for step in range(STEPS):
+        x, y, t = data(rank, step)
+        train_step(opt, ddp, x, y, t)
+    return {"params": [p.detach().clone() for p in model.parameters()], "inverted": rows["n"]}
+
+
 def scenario_kbfgs(rank: int, world: int) -> dict:
     import curvkit
 
@@ -248,7 +270,8 @@ def scenario_kbfgs(rank: int, world: int) -> dict:
 
 
 SCENARIOS = {"methods": scenario_methods, "uneven": scenario_uneven, "kbfgs": scenario_kbfgs,
-             "accumulate": scenario_accumulate, "outside": scenario_outside, "host_reads": scenario_host_reads}
+             "accumulate": scenario_accumulate, "outside": scenario_outside, "host_reads": scenario_host_reads,
+             "ddp_soap": scenario_ddp_soap}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -287,10 +310,19 @@ def test_method_under_fully_shard_equals_one_process_on_the_global_batch(runs, n
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["TNT", "KFAC", "Shampoo", "TNT_KL"])
+@pytest.mark.parametrize("name", ["TNT", "KFAC", "Shampoo", "TNT_KL", "SOAP"])
 def test_inverse_work_is_divided_between_the_ranks(runs, name):
     rows = [res[name]["inverted"] for res in runs]
-    assert 0 < min(rows) and max(rows) < sum(rows), rows
+    # every factor is inverted by exactly one rank: the ranks together invert what one process does
+    assert 0 < min(rows) and sum(rows) == reference(name)["inverted"], rows
+
+
+def test_soap_under_ddp_divides_its_eigenbases_and_keeps_identical_replicas(tmp_path):
+    results = launch(HERE, "ddp_soap", 2, tmp_path)
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(a, b)
+    rows = [r["inverted"] for r in results]
+    assert 0 < min(rows) and sum(rows) == reference("SOAP")["inverted"], rows
 
 
 def test_sampled_gradient_is_weighted_by_batch_size(tmp_path):

@@ -535,7 +535,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     state["inverses"][mode] = None
         if not requests:
             return synced
-        if self.divide_inverses and self.inverter.produces == "matrix":
+        if self.divide_inverses and self.inverter.produces in ("matrix", "eigenbasis"):
             self._invert_divided(requests)
             return True
         results = invert_all(self.inverter, requests, self._health)
@@ -568,6 +568,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         owners = [self._owner(r.key) for r in requests]
         mine = [r for r, o in zip(requests, owners) if o == rank]
         results = invert_all(self.inverter, mine, self._health) if mine else {}
+        if self.inverter.produces == "eigenbasis":  # owner's (vectors, values), shared; versions as one refresh
+            from .distributed import share_eigenbases
+
+            sizes = [(r.factor.matrix.shape[-1], r.factor.matrix.dtype, r.factor.matrix.device) for r in requests]
+            bases = share_eigenbases(self._distributor, sizes, owners, [results.get(r.key) for r in requests],
+                                     step=self._run.step)
+            for bi in dict.fromkeys(r.key[0] for r in requests):
+                state = self._state_of(self._blocks[bi])
+                state["inverse_version"] = state.get("inverse_version", 0) + 1
+            for r, (q, lam) in zip(requests, bases):
+                state = self._state_of(self._blocks[r.key[0]])
+                state["inverses"][r.key[1]] = EigenBasis(q, lam, state["inverse_version"])
+            return
         shared = []
         for r in requests:
             m = r.factor.matrix
