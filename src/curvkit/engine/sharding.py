@@ -67,6 +67,7 @@ class ShardedParams:
                     f"with torch.distributed.fsdp.fully_shard, not tensor parallelism"
                 )
         self.ids = {id(p) for p in params}
+        self._rows: dict[int, tuple[int, int] | bool] = {}  # id(p) -> (first row, rows) of Shard(0)
 
     @classmethod
     def detect(cls, params: Sequence[Tensor], names: dict[int, str] | None = None) -> "ShardedParams | None":
@@ -143,18 +144,42 @@ class ShardedParams:
         torch._foreach_div_(list(pending), count)
 
     # ------------------------------------------------------------------ update
-    @staticmethod
-    def local(full: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    def local(self, full: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
         """``(target, part)``: the plain tensor to update in place for ``p`` (its local shard
-        for a DTensor) and this rank's part of the full tensor ``full`` laid out like it."""
+        for a DTensor) and this rank's part of the full tensor ``full`` laid out like it (rows
+        cut out of ``full`` for FSDP2's ``Shard(0)``, :func:`~curvkit.distributed.local_like`
+        for other layouts; no communication)."""
         if not is_dtensor(p):
             return p, full
-        return p.to_local(), local_like(full, p).to_local()
+        local = p.to_local()
+        rows = self._rows.get(id(p))
+        if rows is None:
+            rows = self._rows[id(p)] = _shard0_slice(p, local)
+        if rows is False:
+            return local, local_like(full, p).to_local()
+        return local, full.narrow(0, rows[0], rows[1])
 
     @staticmethod
     def zeros(p: Tensor) -> Tensor:
         """Full zeros of ``p``'s global shape (a plain tensor)."""
         return _full_zeros(p)
+
+
+def _shard0_slice(p: Tensor, local: Tensor) -> tuple[int, int] | bool:
+    """``(first row, rows)`` of this rank's ``Shard(0)`` piece of ``p`` on a 1-D mesh (torch.chunk's
+    split, as FSDP2 lays it out), or ``False`` for any other layout."""
+    from torch.distributed.tensor import Shard
+
+    from ..distributed import _shard0_rows
+
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.ndim == 0:
+        return False
+    rows = _shard0_rows(p.shape[0], mesh.size())
+    rank = mesh.get_local_rank()
+    if local.shape[0] != rows[rank]:
+        return False
+    return sum(rows[:rank]), rows[rank]
 
 
 def _full_zeros(p: Tensor) -> Tensor:
