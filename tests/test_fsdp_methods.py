@@ -261,12 +261,23 @@ def scenario_ddp_soap(rank: int, world: int) -> dict:
 def scenario_kbfgs(rank: int, world: int) -> dict:
     import curvkit
 
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    out = {"error": "", "tp_error": ""}
     model = shard(make_model())
     try:
         curvkit.get("method", "KBFGS")(model, lr=0.1)
     except ValueError as exc:
-        return {"error": str(exc)}
-    return {"error": ""}
+        out["error"] = str(exc)
+    # a tensor-parallel layout (Shard(1)) is refused, naming the parameter
+    mesh = init_device_mesh("cpu", (world,))
+    weight = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    try:
+        curvkit.TNT([("tp.weight", weight)], lr=0.1)
+    except ValueError as exc:
+        out["tp_error"] = str(exc)
+    return out
 
 
 SCENARIOS = {"methods": scenario_methods, "uneven": scenario_uneven, "kbfgs": scenario_kbfgs,
@@ -369,9 +380,11 @@ def test_steady_state_steps_read_nothing_on_the_host_under_fully_shard(tmp_path)
         assert res == {name: [] for name in ("TNT", "TNT-empirical", "KFAC", "Shampoo")}, res
 
 
-def test_kbfgs_is_refused_under_fully_shard(tmp_path):
+def test_kbfgs_and_tensor_parallel_layouts_are_refused(tmp_path):
     results = launch(HERE, "kbfgs", 2, tmp_path)
     assert all("not linear" in r["error"] and "distributed=False" in r["error"] for r in results)
+    assert all("'tp.weight'" in r["tp_error"] and "Shard(dim=1)" in r["tp_error"] and "fully_shard" in r["tp_error"]
+               for r in results), results
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ on *full* tensors where it needs the whole parameter:
   join several parameters (KFAC's weight and bias), so it has no ``Shard(0)`` layout of its own.
   ``torch.distributed.checkpoint`` saves plain tensors as replicated and reshards them trivially;
 * **update**: the full direction is computed on every rank from identical inputs, and each rank
-  applies its own rows (:func:`curvkit.distributed.local_like`) to its local shard in place.
+  applies its own ``Shard(0)`` rows (a slice of the full direction; for other layouts
+  :func:`curvkit.distributed.local_like`) to its local shard in place.
 
 Only ``Shard(0)`` and ``Replicate`` placements (FSDP2 and HSDP) are accepted; other layouts (tensor
 parallelism) are refused at construction.
@@ -66,17 +67,15 @@ class ShardedParams:
                     f"curvkit supports FSDP2's Shard(0) (and HSDP's Replicate) layouts only: shard the model "
                     f"with torch.distributed.fsdp.fully_shard, not tensor parallelism"
                 )
-        self.ids = {id(p) for p in params}
-        self._rows: dict[int, tuple[int, int] | bool] = {}  # id(p) -> (first row, rows) of Shard(0)
+        self.count = len(params)
+        # (id, global shape, local shape) of a parameter -> (first row, rows) of its Shard(0) piece
+        self._rows: dict[tuple[Any, ...], tuple[int, int] | bool] = {}
 
     @classmethod
     def detect(cls, params: Sequence[Tensor], names: dict[int, str] | None = None) -> "ShardedParams | None":
         """A :class:`ShardedParams` when some parameter is a DTensor, else ``None``."""
         sharded = [p for p in params if is_dtensor(p)]
         return cls(sharded, names) if sharded else None
-
-    def __contains__(self, p: Tensor) -> bool:
-        return id(p) in self.ids
 
     # ------------------------------------------------------------------ gradients
     def full_grads(self, blocks: Sequence[Any], block_ids: Sequence[int]) -> dict[int, Tensor | None]:
@@ -94,7 +93,7 @@ class ShardedParams:
             ps = blocks[bi].params
             if any(out.get(id(p)) is not None for p in ps):
                 for p in ps:
-                    if out.get(id(p)) is None and id(p) in self.ids:
+                    if out.get(id(p)) is None and is_dtensor(p):
                         out[id(p)] = _full_zeros(p)
         for p in params:
             out.setdefault(id(p), None)
@@ -152,9 +151,10 @@ class ShardedParams:
         if not is_dtensor(p):
             return p, full
         local = p.to_local()
-        rows = self._rows.get(id(p))
+        key = (id(p), tuple(p.shape), tuple(local.shape))
+        rows = self._rows.get(key)
         if rows is None:
-            rows = self._rows[id(p)] = _shard0_slice(p, local)
+            rows = self._rows[key] = _shard0_slice(p, local)
         if rows is False:
             return local, local_like(full, p).to_local()
         return local, full.narrow(0, rows[0], rows[1])
