@@ -12,7 +12,8 @@ small and independent of the number of blocks:
 * :meth:`~Distributor.assign` and :meth:`~Distributor.share_`: split the inversion work between
   the ranks (longest-processing-time greedy on a cost such as :func:`inverse_cost`, decided once
   at plan time and identical on every rank), then give every rank every owner's result (one
-  collective per bucket);
+  collective per bucket); :func:`share_eigenbases` does the same for eigenbasis inverters'
+  ``(vectors, values)`` results;
 * :meth:`~Distributor.all_` and :meth:`~Distributor.sum_`: agree on flags (one rank's
   non-finite evidence skips the update everywhere) and keep counters consistent.
 
