@@ -112,13 +112,13 @@ def count_inversions(opt) -> dict:
 
 
 # ----------------------------------------------------------------------------- scenarios (ranks)
-def scenario_methods(rank: int, world: int) -> dict:
+def scenario_methods(rank: int, world: int, *names: str) -> dict:
     from torch.distributed.tensor import DTensor
 
     from curvkit.distributed import full_tensors
 
     out: dict = {}
-    for name in METHODS:
+    for name in names or METHODS:
         model = shard(make_model())
         opt = build(name, model)
         rows = count_inversions(opt)
@@ -128,6 +128,7 @@ def scenario_methods(rank: int, world: int) -> dict:
         params = list(model.parameters())
         out[name] = {
             "dtensor": all(isinstance(p, DTensor) for p in params),
+            "local_rows": [p.to_local().shape[0] for p in params],
             "params": [t.clone() for t in full_tensors([p.detach() for p in params])],
             "stats": statistics(opt),
             "inverted": rows["n"],
@@ -334,6 +335,19 @@ def test_soap_under_ddp_divides_its_eigenbases_and_keeps_identical_replicas(tmp_
         assert torch.equal(a, b)
     rows = [r["inverted"] for r in results]
     assert 0 < min(rows) and sum(rows) == reference("SOAP")["inverted"], rows
+
+
+@pytest.mark.parametrize("name", ["TNT", "KFAC"])
+def test_four_ranks_with_an_empty_shard(tmp_path, name):
+    """4 ranks: the 3-row bias of the last layer leaves rank 3 without rows of it."""
+    results = launch(HERE, "methods", 4, tmp_path, name)
+    assert [res[name]["local_rows"][-1] for res in results] == [1, 1, 1, 0]
+    want = reference(name, world=4)
+    for res in results:
+        for key in ("params", "stats"):
+            for a, b in zip(res[name][key], want[key]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert sum(res[name]["inverted"] for res in results) == want["inverted"]
 
 
 def test_sampled_gradient_is_weighted_by_batch_size(tmp_path):
