@@ -1,6 +1,7 @@
-r"""Sharded inversion across gloo ranks: per-rank inverse time at 1, 2 and 4 processes.
+r"""Sharded inversion and full training steps across gloo ranks: per-rank times at 1, 2 and 4
+processes, under DDP and FSDP2.
 
-``python -m benchmarks.distributed [--ranks 1 2 4] [--repeats 5] [--json PATH]``
+``python -m benchmarks.distributed [--ranks 1 2 4] [--repeats 5] [--json PATH] [--full-step on]``
 
 The work is one inversion of the TNT factors of the MNIST autoencoder
 (784-1000-500-250-30-250-500-1000-784, Ren & Goldfarb 2021): each weight ``(d_out, d_in)`` has
@@ -23,6 +24,22 @@ with and without it.
 After the run every rank checks that its shared inverses are bit-identical to rank 0's and
 that ``F @ F^{-1}`` is the identity to 1e-3 for every factor. The table goes to stdout, the
 numbers to ``--json``.
+
+**Full steps** (``--full-step on``; off by default, as it takes minutes): per-rank wall time of
+whole TNT training steps (forward, ``update_curvature``, backward, ``step``) on a small MLP
+(``--step-widths``, default
+256-512-512-10, ``--step-batch`` examples per rank, cross-entropy), under DDP and under FSDP2
+(``fully_shard`` on every ``Linear`` and the root), at the same world sizes. The first
+``invert_every`` steps (every one an inversion step, :math:`t < T_2`) are a warm-up; then
+``--steps`` steps are timed after a barrier, which include the inversion steps of the schedule
+(``t mod T_2 = 0``), so the mean is the amortised cost per step. Reported per world size and
+setting: the mean step time of the slowest rank (wall and CPU), and the rows of factors each rank
+inverted during the timed steps (the divided inverse work). With ``--baseline on`` (the default)
+the same loop with :class:`torch.optim.SGD` (momentum 0.9) is timed too: the data-parallel
+setting's own cost, against which the curvature optimizer's is read. Each rank's batch is fixed, so the
+global batch grows with the number of ranks (weak scaling): on a machine whose cores are shared,
+wall time per step cannot stay flat as ranks are added, and the numbers are to be read as
+"measured under load".
 """
 
 from __future__ import annotations
@@ -142,6 +159,121 @@ def _rank(rank: int, world: int, port: int, repeats: int, dtype_name: str, width
         dist.destroy_process_group()
 
 
+def _step_rank(rank: int, world: int, port: int, setting: str, widths: list[int], batch: int, steps: int,
+               invert_every: int, method: str, queue: Any) -> None:
+    """Time ``steps`` full steps of ``method`` (``"TNT"`` or the ``"SGD"`` baseline) on this rank
+    under ``setting`` (``"ddp"`` or ``"fsdp2"``)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    import curvkit
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(d_in, d_out), nn.Tanh()]
+        model = nn.Sequential(*layers[:-1])
+        forward: nn.Module = model
+        if setting == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    fully_shard(m)
+            fully_shard(model)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            forward = DDP(model)
+        rows = {"n": 0}
+        if method == "SGD":  # the data-parallel setting's own cost, for comparison
+            opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            opt.update_curvature = lambda *a, **k: False
+        else:
+            opt = curvkit.TNT(model.parameters(), model=model, lr=1e-3, invert_every=invert_every)
+            real = opt.inverter.invert
+
+            def counting(matrices: torch.Tensor, **kw: Any) -> torch.Tensor:
+                rows["n"] += int(matrices.shape[0])
+                return real(matrices, **kw)
+
+            opt.inverter.invert = counting  # type: ignore[method-assign]
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(batch, widths[0], generator=g)
+        y = torch.randint(0, widths[-1], (batch,), generator=g)
+
+        def one_step() -> None:
+            out = forward(x)
+            opt.zero_grad()
+            opt.update_curvature(out, loss="cross_entropy")
+            nn.functional.cross_entropy(out, y).backward()
+            opt.step()
+
+        for _ in range(invert_every):  # warm-up: every step before T2 inverts
+            one_step()
+        rows["n"] = 0
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            one_step()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        queue.put({"rank": rank, "step_s": wall / steps, "step_cpu_s": cpu / steps, "inverted_rows": rows["n"]})
+    finally:
+        dist.destroy_process_group()
+
+
+def _fork(world: int, target: Any, args: tuple[Any, ...], timeout: float) -> list[dict[str, Any]]:
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        for _ in range(world):
+            results.append(queue.get(timeout=timeout))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    bad = [p.exitcode for p in procs if p.exitcode]
+    if bad:
+        raise RuntimeError(f"{world} ranks: a rank exited with code {bad[0]}")
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def run_steps(world: int, setting: str, widths: list[int], batch: int, steps: int, invert_every: int,
+              timeout: float, method: str = "TNT") -> dict[str, Any]:
+    """Full-step times of ``world`` ranks under ``setting`` (see the module docstring)."""
+    ranks = _fork(world, _step_rank, (setting, widths, batch, steps, invert_every, method), timeout)
+    return {
+        "ranks": world,
+        "setting": setting,
+        "method": method,
+        "step_s_max": max(r["step_s"] for r in ranks),
+        "step_cpu_s_max": max(r["step_cpu_s"] for r in ranks),
+        "inverted_rows_per_rank": [r["inverted_rows"] for r in ranks],
+        "per_rank": ranks,
+    }
+
+
+def render_steps(rows: list[dict[str, Any]]) -> str:
+    head = ("setting", "method", "ranks", "step wall ms (slowest rank)", "step CPU ms (slowest rank)",
+            "factors inverted per rank")
+    lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
+    for r in rows:
+        lines.append(" | ".join([
+            r["setting"], r["method"], str(r["ranks"]), f"{1e3 * r['step_s_max']:.1f}", f"{1e3 * r['step_cpu_s_max']:.1f}",
+            "/".join(str(n) for n in r["inverted_rows_per_rank"]),
+        ]))
+    return "\n".join(lines)
+
+
 def run_world(world: int, repeats: int, dtype: str, timeout: float, widths: list[int]) -> list[dict[str, Any]]:
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -219,17 +351,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per world size")
     parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS,
                         help="layer widths of the MLP whose factors are inverted (default: the MNIST autoencoder)")
+    parser.add_argument("--full-step", choices=["on", "off"], default="off",
+                        help="also time full TNT steps under DDP and FSDP2 (see the module docstring)")
+    parser.add_argument("--step-widths", type=int, nargs="+", default=[256, 512, 512, 10],
+                        help="layer widths of the MLP trained in the full-step timing")
+    parser.add_argument("--step-batch", type=int, default=64, help="examples per rank in the full-step timing")
+    parser.add_argument("--steps", type=int, default=20, help="timed full steps (after invert_every warm-up steps)")
+    parser.add_argument("--invert-every", type=int, default=10, help="T2 of the TNT run in the full-step timing")
+    parser.add_argument("--settings", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"],
+                        help="data-parallel settings of the full-step timing")
+    parser.add_argument("--baseline", choices=["on", "off"], default="on",
+                        help="also time SGD with momentum in each setting (the setting's own cost)")
     args = parser.parse_args(argv)
     if any(w < 1 for w in args.ranks) or args.repeats < 1:
         parser.error("--ranks and --repeats must be >= 1")
     if len(args.widths) < 2 or any(w < 1 for w in args.widths):
         parser.error("--widths needs at least two widths >= 1")
+    if len(args.step_widths) < 2 or any(w < 1 for w in args.step_widths):
+        parser.error("--step-widths needs at least two widths >= 1")
+    if args.step_batch < 1 or args.steps < 1 or args.invert_every < 1:
+        parser.error("--step-batch, --steps and --invert-every must be >= 1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = []
     for world in args.ranks:
         rows.append(summarise(world, run_world(world, args.repeats, args.dtype, args.timeout, args.widths)))
         print(f"ranks={world} done", file=sys.stderr, flush=True)
     print(render(rows))
+    step_rows = []
+    if args.full_step == "on":
+        methods = ["TNT", "SGD"] if args.baseline == "on" else ["TNT"]
+        for setting in args.settings:
+            for method in methods:
+                for world in args.ranks:
+                    step_rows.append(run_steps(world, setting, args.step_widths, args.step_batch, args.steps,
+                                               args.invert_every, args.timeout, method))
+                    print(f"full steps {setting} {method} ranks={world} done", file=sys.stderr, flush=True)
+        print()
+        print(render_steps(step_rows))
     for r in rows:
         if not r["identical_to_rank0"] or r["max_residual"] > 1e-3:
             print(f"ranks={r['ranks']}: inverses NOT identical/correct: residual {r['max_residual']:.2e}",
@@ -240,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": "python -m benchmarks.distributed " + " ".join(sys.argv[1:] if argv is None else argv),
                 "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
                 "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-                "factor_sizes": factor_sizes(args.widths), "dtype": args.dtype, "repeats": args.repeats}
-        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+                "factor_sizes": factor_sizes(args.widths), "dtype": args.dtype, "repeats": args.repeats,
+                "full_step": {"widths": args.step_widths, "batch_per_rank": args.step_batch, "steps": args.steps,
+                              "invert_every": args.invert_every, "method": "TNT"}}
+        args.json.write_text(json.dumps({"meta": meta, "results": rows, "full_steps": step_rows}, indent=1))
     return 0
 
 

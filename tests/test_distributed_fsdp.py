@@ -1,5 +1,6 @@
 """FSDP2 (``fully_shard``) and DCP on torch 2.13, CPU/gloo, 2 ranks: the findings the
-*Run distributed* page states, checked, and the recipes the engine will adopt.
+*Run distributed* page states, checked, and the recipes the engine adopted
+(:mod:`curvkit.engine.sharding`; the optimizer itself is tested in ``tests/test_fsdp_*.py``).
 
 * (a) after ``loss.backward()`` every ``p.grad`` is a DTensor sharded on dim 0 holding this
   rank's rows of the *rank-averaged* gradient;

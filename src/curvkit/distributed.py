@@ -12,7 +12,8 @@ small and independent of the number of blocks:
 * :meth:`~Distributor.assign` and :meth:`~Distributor.share_`: split the inversion work between
   the ranks (longest-processing-time greedy on a cost such as :func:`inverse_cost`, decided once
   at plan time and identical on every rank), then give every rank every owner's result (one
-  collective per bucket);
+  collective per bucket); :func:`share_eigenbases` does the same for eigenbasis inverters'
+  ``(vectors, values)`` results;
 * :meth:`~Distributor.all_` and :meth:`~Distributor.sum_`: agree on flags (one rank's
   non-finite evidence skips the update everywhere) and keep counters consistent.
 
@@ -53,6 +54,7 @@ __all__ = [
     "is_dtensor",
     "local_like",
     "make_distributor",
+    "share_eigenbases",
 ]
 
 #: Share strategies of :class:`TorchDistributed` (see :meth:`Distributor.share_`).
@@ -514,6 +516,57 @@ def make_distributor(process_group: Any = None, **options: Any) -> Distributor:
     if "share" in options and options["share"] not in SHARE_METHODS:
         raise ValueError(f"share must be one of {SHARE_METHODS!r}, got {options['share']!r}")
     return SingleProcess()
+
+
+def share_eigenbases(
+    distributor: Distributor,
+    sizes: Sequence[tuple[int, torch.dtype, torch.device]],
+    owners: Sequence[int],
+    results: Sequence[Any],
+    *,
+    call: str = "invert",
+    step: int = -1,
+) -> list[tuple[Tensor, Tensor]]:
+    r"""Give every rank the owner's eigenbasis of each factor (*collective*, two buckets).
+
+    The eigenbasis counterpart of :meth:`Distributor.share_` for inverters that return
+    :math:`V = Q\,\mathrm{diag}(\lambda)\,Q^	op` as ``(vectors, values)`` (SOAP's
+    ``eigenbasis``): each factor is decomposed by its owner only, and every rank gets the owner's
+    ``Q`` and :math:`\lambda`, bit for bit.
+
+    Args:
+        distributor: the distributor of the ranks.
+        sizes: ``(d, dtype, device)`` of each factor.
+        owners: the owner rank of each factor (from :meth:`Distributor.assign`).
+        results: on the owner, the factor's result: a ``(vectors, values)`` pair, an object
+            with ``vectors`` and ``values`` attributes (a kept previous
+            :class:`~curvkit.operators.EigenBasis`), or ``None`` (identity: ``Q = I``,
+            :math:`\lambda = 1`); ignored on the other ranks.
+        call, step: labels for the participation check.
+
+    Returns:
+        One ``(vectors, values)`` pair of plain tensors per factor, identical on every rank.
+    """
+    if not (len(sizes) == len(owners) == len(results)):
+        raise ValueError(
+            f"sizes, owners and results must have one entry per factor, got {len(sizes)}, {len(owners)} "
+            f"and {len(results)}"
+        )
+    vectors: list[Tensor] = []
+    values: list[Tensor] = []
+    for (d, dtype, device), owner, result in zip(sizes, owners, results):
+        if owner != distributor.rank:
+            vectors.append(torch.zeros(d, d, dtype=dtype, device=device))
+            values.append(torch.zeros(d, dtype=dtype, device=device))
+        elif result is None:
+            vectors.append(torch.eye(d, dtype=dtype, device=device))
+            values.append(torch.ones(d, dtype=dtype, device=device))
+        else:
+            q, lam = result if isinstance(result, tuple) else (result.vectors, result.values)
+            vectors.append(q.to(dtype).clone(memory_format=torch.contiguous_format))
+            values.append(lam.to(dtype).clone(memory_format=torch.contiguous_format))
+    distributor.share_(vectors + values, list(owners) + list(owners), call=call, step=step)
+    return list(zip(vectors, values))
 
 
 # ----------------------------------------------------------------------------- DTensor / FSDP2

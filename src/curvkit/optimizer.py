@@ -38,6 +38,7 @@ from .engine.evidence import EvidenceCollector
 from .engine.health import MESSAGES, HealthMonitor
 from .engine.params import GROUP_OPTIONS, check_parameter, normalise_params, validate_group_options
 from .engine.runstate import RunState
+from .engine.sharding import ShardedParams
 from .engine.states import BlockStates
 from .engine.update import UpdateRule
 from .fisher import LossSpec
@@ -206,6 +207,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._collector.distributor = self._distributor
         self._owners: dict[tuple[int, int], int] = {}
         self._update = UpdateRule(preconditioner, self._health, nonfinite=nonfinite)
+        # FSDP2: DTensor parameters are worked on as full tensors (curvkit.engine.sharding)
+        self._sharding = ShardedParams.detect([p for g in self.param_groups for p in g["params"]], self._param_names)
+        self._collector.sharding = self._update.sharding = self._sharding
         self._used_grads: dict[int, tuple[weakref.ref, int]] = {}
         self._build_plan()
         self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
@@ -537,7 +541,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     state["inverses"][mode] = None
         if not requests:
             return synced
-        if self.divide_inverses and self.inverter.produces == "matrix":
+        if self.divide_inverses and self.inverter.produces in ("matrix", "eigenbasis"):
             self._invert_divided(requests)
             return True
         results = invert_all(self.inverter, requests, self._health)
@@ -573,6 +577,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         results = invert_all(self.inverter, mine, self._health) if mine else {}
         if requests:
             self._share_inversion_counts(before, requests[0].factor.matrix.device)
+        if self.inverter.produces == "eigenbasis":  # owner's (vectors, values), shared; versions as one refresh
+            from .distributed import share_eigenbases
+
+            sizes = [(r.factor.matrix.shape[-1], r.factor.matrix.dtype, r.factor.matrix.device) for r in requests]
+            bases = share_eigenbases(self._distributor, sizes, owners, [results.get(r.key) for r in requests],
+                                     step=self._run.step)
+            for bi in dict.fromkeys(r.key[0] for r in requests):
+                state = self._state_of(self._blocks[bi])
+                state["inverse_version"] = state.get("inverse_version", 0) + 1
+            for r, (q, lam) in zip(requests, bases):
+                state = self._state_of(self._blocks[r.key[0]])
+                state["inverses"][r.key[1]] = EigenBasis(q, lam, state["inverse_version"])
+            return
         shared = []
         for r in requests:
             m = r.factor.matrix
@@ -636,6 +653,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         t = self._run.step
         active = [bi for bi, b in enumerate(self._blocks) if any(p.grad is not None for p in b.params)]
         self._check_params(active)
+        full = None if self._sharding is None else self._sharding.full_grads(self._blocks, active)  # FSDP2
 
         # 1. evidence: the minibatch gradient (when the estimator reads it), pending micro-batches
         recorder = self._collector.recorder
@@ -659,7 +677,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self._collector.harvest(ids, batch_size=None)
                 self._run.stats_taken_at = t
             elif ids:
-                self._collector.feed(ids, {id(p): p.grad for bi in ids for p in self._blocks[bi].params})
+                self._collector.feed(ids, {id(p): p.grad if full is None else full[id(p)] for bi in ids for p in self._blocks[bi].params})
                 self._run.stats_taken_at = t
         self._collector.flush(self._due_blocks() if self._distributor is not None else None, strict=self.strict)
         self._check_stale()
@@ -682,7 +700,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             blocks, active, states, inverses,
             group_of=lambda p: self.param_groups[self._group_of_param[id(p)]],
             schedule_group=[self.param_groups[b.group] for b in blocks],
-            step=t,
+            step=t, full_grads=full,
         )
         self._run.step += 1
         if synced:  # the step read the host anyway: read the device counters, warn once

@@ -108,6 +108,8 @@ class EvidenceCollector:
         self.recorder: LayerRecorder | None = None
         self.distributor: "Distributor | None" = None
         self.sync_statistics = False
+        self.sharding: Any = None  # FSDP2: a curvkit.engine.sharding.ShardedParams
+        self._sharded_n = 0  # FSDP2: local examples behind the pending sampled evidence
         # pending (accumulated) sampled evidence: block ids, per-param weighted sums, total count
         self._pending_ids: list[int] = []
         self._pending: dict[int, Tensor] = {}
@@ -211,6 +213,8 @@ class EvidenceCollector:
                 if self.spec.layer_io and not self.spec.parameter_gradients and hasattr(self.recorder, "differentiate"):
                     self.recorder.differentiate(value)
                     grads: Sequence[Tensor | None] = [None] * len(params)
+                elif self.sharding is not None:  # FSDP2: stashed backward, gradient of batch * value
+                    grads = self.sharding.sampled_gradients(value, params, batch, protect=self._all_params())
                 else:
                     grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
         except RuntimeError as exc:
@@ -230,6 +234,9 @@ class EvidenceCollector:
                     f"reads layer records of one forward pass, so call it once per step"
                 )
             self.feed(due, by_param, batch_size=batch)
+        elif self.sharding is not None:  # FSDP2: a plain sum, divided in flush (engine/sharding.py)
+            self._accumulate(due, by_param, 1)
+            self._sharded_n += batch
         else:
             self._accumulate(due, by_param, batch)
         run.stats_taken_at = run.step
@@ -353,7 +360,7 @@ class EvidenceCollector:
         missing_here = False
         if (
             not self._pending_ids and distributed and due and self.spec.source is Source.SAMPLED
-            and not self.spec.layer_io and self.run.stats_taken_at != self.run.step
+            and not self.spec.layer_io and self.run.stats_taken_at != self.run.step and self.sharding is None
         ):
             params = [p for bi in due for p in self.blocks[bi].params if p.requires_grad]
             if params:
@@ -368,6 +375,11 @@ class EvidenceCollector:
         self._pending_ids, self._pending, self._pending_n = [], {}, 0
         self.run.pending_batches = 0
         distributor = self.distributor if self.sync_statistics else None
+        if self.sharding is not None:  # FSDP2: already the ranks' average; weight by batch size
+            self.sharding.finish_sampled(list(pending.values()), self._sharded_n, distributor, step=self.run.step)
+            self._sharded_n = 0
+            self.feed(ids, pending, batch_size=n, averaged=True)
+            return
         if distributor is not None and hasattr(distributor, "average_"):
             # the global batch's sampled gradient: sum_r sum_i n_i g_i / sum_r n_r over the ranks
             if batches == 1:
@@ -474,6 +486,10 @@ class EvidenceCollector:
         already averaged over the ranks: their statistics agree without a collective."""
         return self.spec.source is Source.MINIBATCH and not self.spec.layer_io
 
+    def _all_params(self) -> list[Tensor]:  # FSDP2: whose .grad the stashed backward sets aside
+        model = list(self.model.parameters()) if self.model is not None else []
+        return [p for b in self.blocks for p in b.params] + model
+
     @property
     def _param_order(self) -> dict[int, int]:
         return {id(p): i for i, p in enumerate(p for b in self.blocks for p in b.params)}
@@ -507,8 +523,12 @@ class EvidenceCollector:
                     if sampled else out
                 )
                 with self.estimator.capture(), self.phase("sampled" if sampled else "minibatch"):
-                    grads = torch.autograd.grad(value, params, allow_unused=True)
-            self.feed(all_ids, {id(p): g for p, g in zip(params, grads)}, decay=n / (n + 1))
+                    if self.sharding is not None:  # FSDP2: rank-averaged through a stashed backward
+                        grads = self.sharding.sampled_gradients(value, params, 1)
+                    else:
+                        grads = torch.autograd.grad(value, params, allow_unused=True)
+            self.feed(all_ids, {id(p): g for p, g in zip(params, grads)}, decay=n / (n + 1),
+                      averaged=self.sharding is not None and not self.spec.layer_io)
             n += 1
         if n == 0:
             raise ValueError("warm_start got no batches")

@@ -48,6 +48,7 @@ class UpdateRule:
         self.preconditioner = preconditioner
         self.health = health
         self.nonfinite = nonfinite
+        self.sharding: Any = None  # FSDP2: a curvkit.engine.sharding.ShardedParams
 
     def __call__(
         self,
@@ -58,13 +59,17 @@ class UpdateRule:
         group_of: Callable[[Tensor], dict[str, Any]],
         schedule_group: Sequence[dict[str, Any]],
         step: int,
+        full_grads: dict[int, Tensor | None] | None = None,
     ) -> None:
-        """Apply the update to ``blocks`` (all have at least one gradient)."""
+        """Apply the update to ``blocks`` (all have at least one gradient). Under FSDP2,
+        ``full_grads`` holds the gathered full gradients and each rank updates its shard."""
         if not blocks:
             return
         work = [statistics_dtype(b.params[0].dtype) for b in blocks]
+        grad_of = (lambda p: p.grad) if full_grads is None else (lambda p: full_grads.get(id(p)))
         grads = [
-            b.to_view([torch.zeros_like(p) if p.grad is None else p.grad for p in b.params]).to(w)
+            b.to_view([(torch.zeros_like(p) if full_grads is None else self.sharding.zeros(p)) if grad_of(p) is None
+                       else grad_of(p) for p in b.params]).to(w)
             for b, w in zip(blocks, work)
         ]
         ok_g = finite_flags(grads)
@@ -127,6 +132,7 @@ class UpdateRule:
 
         # parameter update, grouped by (lr, wd, dtype)
         params_by: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
+        lr_of: dict[tuple[Any, ...], Any] = {}
         for i, b in enumerate(blocks):
             d = directions[i]
             parts = b.from_view(torch.where(ok[i], d, _zeros_like_scalar(d)))
@@ -136,10 +142,13 @@ class UpdateRule:
                 group = group_of(p)
                 lr, wd = group["lr"], group["weight_decay"]
                 key = (id(lr) if isinstance(lr, Tensor) else lr, wd, p.dtype, p.device)
-                params_by[key].append((p, part.to(p.dtype), ok[i]))
-        for (lr_key, wd, _, _), items in params_by.items():
+                lr_of[key] = lr
+                target, part = (p, part) if self.sharding is None else self.sharding.local(part, p)  # FSDP2 shard
+                params_by[key].append((target, part.to(p.dtype), ok[i]))
+        for key, items in params_by.items():
+            wd = key[1]
             ps = [p for p, _, _ in items]
-            lr = group_of(ps[0])["lr"]
+            lr = lr_of[key]
             if wd:
                 oks = torch.stack([o for _, _, o in items])
                 if isinstance(lr, Tensor):
