@@ -33,6 +33,7 @@ class KroneckerMode(Preconditioner):
     """
 
     Config = KroneckerModeConfig
+    traceable = True
 
     def apply(
         self,
