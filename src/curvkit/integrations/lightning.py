@@ -47,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..fisher import LossSpec
 from ..interfaces import Source
 from ..optimizer import CurvatureOptimizer
-from ._common import find_curvature_optimizer, sequence_sampler
+from ._common import feeds_every_micro_batch, find_curvature_optimizer, sequence_sampler
 
 __all__ = ["CurvatureCallback"]
 
@@ -123,7 +123,8 @@ class CurvatureCallback(pl.Callback):
         has_outputs = isinstance(output, Mapping) and self.outputs_key in output
         due = [
             o for o in sampled
-            if self._fed_at.get(id(o)) != o.step_count and any(o.statistics_due(g) for g in range(len(o.param_groups)))
+            if (self._fed_at.get(id(o)) != o.step_count or feeds_every_micro_batch(o))
+            and any(o.statistics_due(g) for g in range(len(o.param_groups)))
         ]
         if due and not has_outputs:
             raise RuntimeError(
@@ -132,9 +133,8 @@ class CurvatureCallback(pl.Callback):
                 f"that the sampled pass of {type(due[0].estimator).__name__} can run before the backward"
             )
         for opt in due:
-            # once per optimizer step: a second training_step of the same step (the closure that
-            # K-BFGS calls after the update, or further micro-batches of gradient accumulation)
-            # feeds nothing
+            # every micro-batch of an accumulated step (accumulate_grad_batches), where the
+            # engine accumulates the evidence; otherwise the first one only
             self._fed_at[id(opt)] = opt.step_count
             if opt.update_curvature(output[self.outputs_key], loss=self.loss):
                 self.sampled_passes += 1
