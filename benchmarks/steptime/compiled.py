@@ -14,8 +14,8 @@ time; successive rounds run the modes in alternating order. Per run:
 
 * **first step**: the wall time of step 0 (for the compiled mode this includes compiling);
 * **step**: the mean wall time of a whole training step (forward, loss, ``zero_grad``,
-  ``update_curvature``, ``backward``, ``step``) over steps 21-60, two inversion periods (the
-  warm-up covers the :math:`t < T_2` steps that invert every time);
+  ``update_curvature``, ``backward``, ``step``) over steps 21-60 (``--steps 40``: two inversion
+  periods; the warm-up covers the :math:`t < T_2` steps that invert every time);
 * **opt.step** and **update path**: the mean time of ``opt.step()`` and of the update rule
   inside it (:class:`curvkit.engine.update.UpdateRule`: momentum, direction, masked update) over
   the same steps.
@@ -76,7 +76,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     opt = curvkit.TNT(model.parameters(), model=model, compile_update=job["mode"] == "compiled", **kwargs)
     timed = _Timed(opt._update)
     opt._update = timed  # type: ignore[assignment]
-    warmup, steps = (3, 4) if job["quick"] else (WARMUP, STEPS)
+    warmup, steps = (3, 4) if job["quick"] else (WARMUP, int(job.get("steps", STEPS)))
     first = 0.0
     total = opt_total = 0.0
     for t in range(warmup + steps):
@@ -121,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", default="1000,128", help="comma-separated batch sizes")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=STEPS, help="measured steps after the 21 warm-up steps")
     parser.add_argument("--quick", action="store_true", help="the 64-32-8-32-64 autoencoder, a few steps")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for r in range(args.rounds):
         for batch in batches:
             for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-                job = {"mode": mode, "batch": batch, "threads": args.threads, "quick": args.quick}
+                job = {"mode": mode, "batch": batch, "threads": args.threads, "quick": args.quick, "steps": args.steps}
                 runs.append(_run(job))
                 print(f"round {r + 1}/{args.rounds} batch {batch} {mode}: {runs[-1]}", file=sys.stderr, flush=True)
     table = []
