@@ -4,7 +4,7 @@ r"""What ``compile_update=True`` buys: TNT's step time with the eager and the co
 
    python -m benchmarks.steptime.compiled                       # batch 1000 and 128, 2 threads, 3 rounds
    python -m benchmarks.steptime.compiled --batch 128 --rounds 5
-   python -m benchmarks.steptime.compiled --quick               # tiny smoke configuration
+   python -m benchmarks.steptime.compiled --quick --batch 32    # the tiny autoencoder
 
 Model, data, loss and TNT's settings are those of ``python -m benchmarks.steptime`` (the TNT
 paper's MNIST autoencoder, :mod:`benchmarks.steptime.cases`; TNT at :math:`(T_1, T_2) = (1, 20)`
@@ -76,7 +76,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     opt = curvkit.TNT(model.parameters(), model=model, compile_update=job["mode"] == "compiled", **kwargs)
     timed = _Timed(opt._update)
     opt._update = timed  # type: ignore[assignment]
-    warmup, steps = (3, 4) if job["quick"] else (WARMUP, int(job.get("steps", STEPS)))
+    warmup, steps = WARMUP, int(job.get("steps", STEPS))
     first = 0.0
     total = opt_total = 0.0
     for t in range(warmup + steps):
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="measured steps after the 21 warm-up steps")
-    parser.add_argument("--quick", action="store_true", help="the 64-32-8-32-64 autoencoder, a few steps")
+    parser.add_argument("--quick", action="store_true", help="the 64-32-8-32-64 autoencoder")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
