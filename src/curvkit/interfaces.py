@@ -313,10 +313,10 @@ class Preconditioner(Part):
     #: inverter's :attr:`Inverter.produces` against it when it builds.
     accepts: ClassVar[tuple[str, ...]] = ("matrix", "eigenbasis", "operator")
 
-    #: Whether :meth:`apply_group` is pure tensor code that :func:`torch.compile` traces into one
-    #: graph (no host reads, no Python values that change from step to step): the optimizer's
-    #: ``compile_update=True`` path computes the direction inside its compiled graph, and refuses
-    #: preconditioners that do not declare it.
+    #: Whether :meth:`~curvkit.Preconditioner.apply_group` is pure tensor code that
+    #: :func:`torch.compile` traces into one graph (no host reads, no Python values that change
+    #: from step to step): the optimizer's ``compile_update=True`` path computes the direction
+    #: inside its compiled graph, and refuses preconditioners that do not declare it.
     traceable: ClassVar[bool] = False
 
     def apply_group(

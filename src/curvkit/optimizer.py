@@ -106,7 +106,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             the first step compiles, a change of the active blocks or of the param-group layout
             recompiles, a learning-rate schedule does not). Needs ``nonfinite="skip"`` and a
             preconditioner that declares :attr:`~curvkit.Preconditioner.traceable`
-            (``kronecker_mode``: TNT, KFAC, Shampoo). See :doc:`/howto/pitfalls`.
+            (``kronecker_mode``, which TNT, KFAC, Shampoo and K-BFGS use). See
+            :doc:`/howto/pitfalls`.
     """
 
     def __init__(
