@@ -22,6 +22,11 @@ time; successive rounds run the modes in alternating order. Per run:
 
 A case's figure is the median over rounds; compile time is the compiled first step minus the
 eager first step.
+
+``--alternating`` times the update path alone, paired: in one process per round, after the
+warm-up, it calls the eager :func:`curvkit.engine.update.update_step` and the compiled one
+alternately on the same arguments (:func:`measure_alternating`), so that a change of the
+machine's load falls on both.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-__all__ = ["main", "measure"]
+__all__ = ["main", "measure", "measure_alternating"]
 
 MARKER = "COMPILED_RESULT "
 WARMUP, STEPS = 21, 40
@@ -103,6 +108,59 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def measure_alternating(job: dict[str, Any]) -> dict[str, Any]:
+    """The update path alone, eager and compiled alternately on the same arguments (paired, so a
+    change of the machine's load falls on both): after the warm-up steps of a
+    ``compile_update=True`` optimizer, ``reps`` rounds of one eager :func:`update_step` call and
+    one call of the compiled one, each timed; medians in ms."""
+    import torch
+
+    import curvkit
+    from curvkit.engine.update import update_step
+
+    from ..problems import bce_sum
+    from ..settings import settings_for
+    from .cases import MNIST_WIDTHS, QUICK_WIDTHS, build_model, make_data
+
+    torch.set_num_threads(int(job["threads"]))
+    widths = QUICK_WIDTHS if job["quick"] else MNIST_WIDTHS
+    torch.manual_seed(0)
+    model = build_model(widths)
+    x, y = make_data(widths, int(job["batch"]))
+    kwargs = dict(settings_for("mnist-ae", "TNT").kwargs)
+    kwargs.update(curvature_every=1, invert_every=20)
+    opt = curvkit.TNT(model.parameters(), model=model, compile_update=True, **kwargs)
+    for _ in range(WARMUP):
+        out = model(x)
+        loss = bce_sum(out, y)
+        opt.zero_grad()
+        opt.update_curvature(out, loss="bce_with_logits")
+        loss.backward()
+        opt.step()
+    rule = opt._update
+    blocks = opt.blocks
+    states = [opt.block_state(i) for i in range(len(blocks))]
+    groups = [opt.param_groups[b.group] for b in blocks]
+    _, args = rule.prepare(blocks, list(range(len(blocks))), states, [s["inverses"] for s in states],
+                           lambda p: opt.param_groups[opt._group_of_param[id(p)]], groups)
+    g = opt.param_groups[0]  # one param group: every slot has its values, as Python numbers
+    hyper = (g["lr"], g["weight_decay"], g["momentum"], 1.0 - g.get("dampening", 0.0))
+    eager_args = args[:-1] + ([hyper] * len(args[0].slot_groups),)
+    eager: list[float] = []
+    compiled: list[float] = []
+    with torch.no_grad():
+        for _ in range(int(job.get("reps", 20))):
+            start = time.perf_counter()
+            update_step(*eager_args)
+            eager.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            rule._compiled(*args)
+            compiled.append(time.perf_counter() - start)
+    return {"batch": job["batch"], "widths": list(widths), "eager_update_ms": 1e3 * statistics.median(eager),
+            "compiled_update_ms": 1e3 * statistics.median(compiled), "reps": len(eager),
+            "threads": torch.get_num_threads()}
+
+
 def _run(job: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
@@ -124,12 +182,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=STEPS, help="measured steps after the 21 warm-up steps")
     parser.add_argument("--quick", action="store_true", help="the 64-32-8-32-64 autoencoder")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--alternating", action="store_true",
+                        help="time the update path alone, eager and compiled alternately in one process per round")
+    parser.add_argument("--reps", type=int, default=20, help="alternations per round (--alternating)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        print(MARKER + json.dumps(measure(json.loads(args.worker))), flush=True)
+        job = json.loads(args.worker)
+        print(MARKER + json.dumps(measure_alternating(job) if job.get("alternating") else measure(job)), flush=True)
         return {}
     batches = [int(b) for b in args.batch.split(",") if b]
+    if args.alternating:
+        pairs = []
+        for r in range(args.rounds):
+            job = {"alternating": True, "batch": batches[0], "threads": args.threads, "quick": args.quick,
+                   "reps": args.reps}
+            pairs.append(_run(job))
+            print(f"round {r + 1}/{args.rounds}: {pairs[-1]}", file=sys.stderr, flush=True)
+        eager = statistics.median(p["eager_update_ms"] for p in pairs)
+        compiled = statistics.median(p["compiled_update_ms"] for p in pairs)
+        print(f"update path: eager {eager:.3f} ms, compiled {compiled:.3f} ms (median of {args.rounds} rounds "
+              f"of {args.reps} alternations)")
+        return {"eager_update_ms": eager, "compiled_update_ms": compiled, "runs": pairs}
     runs: list[dict[str, Any]] = []
     for r in range(args.rounds):
         for batch in batches:
