@@ -18,7 +18,10 @@ forward pass and before ``loss.backward()``. :class:`CurvatureCallback` runs it:
 and the callback, right after ``training_step`` returns (Lightning has not run the backward yet),
 calls :meth:`~curvkit.CurvatureOptimizer.update_curvature` on the innermost curvkit optimizer,
 then hands Lightning the output without ``"outputs"`` (so the logits are not kept for
-``on_train_batch_end``). K-BFGS needs nothing more: Lightning's automatic optimisation passes a
+``on_train_batch_end``). With ``accumulate_grad_batches=k`` it does so on every micro-batch of a
+statistics step, and the optimizer feeds the batch-size weighted mean of their sampled gradients
+at ``step()`` (for layer estimators, which take one call per step, the first micro-batch only;
+see :func:`~curvkit.integrations.feeds_every_micro_batch`). K-BFGS needs nothing more: Lightning's automatic optimisation passes a
 closure (training step, zero_grad, backward) to ``optimizer.step``, which K-BFGS calls again after
 the update on the same batch.
 

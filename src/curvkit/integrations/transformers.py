@@ -4,7 +4,9 @@ r"""Hugging Face ``transformers``: a ``Trainer`` that runs the sampled pass and 
 ``optimizer.step()`` without a closure, and it offers no callback between the forward and the
 backward. :class:`CurvatureTrainer` overrides ``compute_loss``: after the forward pass of a
 training step it calls :meth:`~curvkit.CurvatureOptimizer.update_curvature` on the model's
-logits (``outputs.logits``, classes last, so ``class_dim=-1`` by default), and for optimizers that
+logits (``outputs.logits``, classes last, so ``class_dim=-1`` by default) -- on every micro-batch
+with ``gradient_accumulation_steps > 1`` (see
+:func:`~curvkit.integrations.feeds_every_micro_batch`) -- and for optimizers that
 re-evaluate the loss after the update (K-BFGS) it makes ``optimizer.step()`` use a closure that
 repeats the forward and backward pass on the same inputs.
 
