@@ -210,3 +210,11 @@ def test_the_cached_plan_follows_a_gradient_that_goes_missing_inside_a_block():
         opt.step()
     assert torch.equal(model[2].bias, bias)
     assert not torch.equal(model[2].weight, weight)
+
+
+def test_the_compile_benchmark_measures_a_step():
+    """``python -m benchmarks.steptime.compiled`` (smoke: the eager mode, tiny model, one step)."""
+    from benchmarks.steptime.compiled import measure
+
+    result = measure({"mode": "eager", "batch": 8, "threads": 1, "quick": True, "steps": 1})
+    assert result["step_ms"] > 0 and result["update_ms"] > 0 and result["opt_step_ms"] >= result["update_ms"]
