@@ -218,3 +218,20 @@ def test_the_compile_benchmark_measures_a_step():
 
     result = measure({"mode": "eager", "batch": 8, "threads": 1, "quick": True, "steps": 1})
     assert result["step_ms"] > 0 and result["update_ms"] > 0 and result["opt_step_ms"] >= result["update_ms"]
+
+
+def test_momentum_of_a_float64_block_next_to_float32_blocks_uses_mu_in_float64():
+    """The momentum of each block is computed in its own dtype: M = mu M + g with mu = 0.9 in
+    float64 for a float64 parameter grouped with float32 ones (the rule before the split rounded
+    mu to the first block's float32)."""
+    first, second = nn.Linear(4, 3), nn.Linear(3, 2).double()
+    opt = curvkit.TNT([first.weight, second.weight], lr=1e-3, momentum=0.9, seed=1)
+    grads = []
+    for _ in range(2):
+        first.weight.grad = torch.randn(3, 4)
+        second.weight.grad = torch.randn(2, 3, dtype=torch.float64)
+        grads.append(second.weight.grad.clone())
+        opt.update_curvature(grads=[first.weight.grad, second.weight.grad])
+        opt.step()
+    expected = 0.9 * grads[0] + grads[1]
+    assert torch.equal(opt.block_state(1)["momentum"], expected)
