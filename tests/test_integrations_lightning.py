@@ -206,3 +206,100 @@ def test_manual_optimisation_through_lightnings_wrapper():
     ref_model, _ = _reference("TNT")
     for p, q in zip(module.net.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- gradient accumulation
+ACCUMULATE = 2
+
+
+def _fixed_sampler(outputs, generator):
+    """A deterministic stand-in for the sampled loss (a per-example mean), so that the evidence of
+    the micro-batches can be compared with the evidence of the whole batch."""
+    return 0.5 * outputs.float().pow(2).sum(-1).mean()
+
+
+class AccumulatingLM(LitLM):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=BATCH // ACCUMULATE,
+                                           shuffle=False)
+
+
+def _fit_accumulating(method: str, callback, steps: int):
+    module = AccumulatingLM(method)
+    L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+              num_sanity_val_steps=0, accumulate_grad_batches=ACCUMULATE).fit(module)
+    return module, module.trainer.optimizers[0]
+
+
+def _statistics(opt):
+    return [{k: v for k, v in opt.block_state(i)["estimator"].items()} for i in range(len(opt.blocks))]
+
+
+def test_callback_feeds_every_micro_batch_as_a_plain_accumulating_loop_does():
+    """accumulate_grad_batches=2: two sampled passes per step; the statistics and the parameters
+    equal a plain loop that calls update_curvature on each micro-batch (Lightning divides the
+    loss by the number of micro-batches, so does the loop)."""
+    steps = 2
+    callback = CurvatureCallback(loss="cross_entropy", class_dim=-1)
+    module, opt = _fit_accumulating("TNT", callback, steps)
+    assert callback.sampled_passes == steps * ACCUMULATE
+    torch.manual_seed(1)
+    model = TinyLM()
+    ref = _make("TNT", model)
+    x, y = _data()
+    sampler = sequence_sampler("cross_entropy", class_dim=-1)
+    micro = BATCH // ACCUMULATE
+    for i in range(steps * ACCUMULATE):
+        xb, yb = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
+        out = model(xb)
+        ref.update_curvature(out, loss=sampler)
+        (_loss(out, yb) / ACCUMULATE).backward()
+        if (i + 1) % ACCUMULATE == 0:
+            ref.step()
+            ref.zero_grad()
+    for ours, theirs in zip(_statistics(opt), _statistics(ref)):
+        assert ours["updates"] == theirs["updates"] == steps
+        for key, value in ours.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, theirs[key], rtol=0, atol=0)
+    for p, q in zip(module.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_accumulated_statistics_equal_the_whole_batch_statistics():
+    """With a deterministic likelihood the accumulated evidence of the micro-batches is the
+    evidence of the whole batch: one plain update_curvature on all of it gives the same statistics
+    (a reference that does not go through the accumulation)."""
+    callback = CurvatureCallback(loss=_fixed_sampler)
+    _, opt = _fit_accumulating("TNT", callback, 1)
+    assert callback.sampled_passes == ACCUMULATE
+    torch.manual_seed(1)
+    model = TinyLM()
+    ref = _make("TNT", model)
+    x, _ = _data()
+    ref.update_curvature(model(x[:BATCH]), loss=_fixed_sampler)
+    for ours, theirs in zip(_statistics(opt), _statistics(ref)):
+        assert ours["updates"] == theirs["updates"] == 1
+        for g, h in zip(ours["grams"], theirs["grams"]):
+            if g is not None:
+                torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+    # and they differ from the first micro-batch's alone (what the callback used to feed)
+    torch.manual_seed(1)
+    model = TinyLM()
+    first = _make("TNT", model)
+    first.update_curvature(model(x[:BATCH // ACCUMULATE]), loss=_fixed_sampler)
+    head = next(i for i, b in enumerate(opt.blocks) if b.params[0].shape == (V, 16))
+    assert not torch.allclose(_statistics(opt)[head]["grams"][0], _statistics(first)[head]["grams"][0])
+
+
+def test_layer_estimators_under_accumulation_get_the_micro_batches_the_engine_takes():
+    if "KFAC" not in curvkit.available("method")["method"]:
+        pytest.skip("KFAC is not installed")
+    from curvkit.integrations import feeds_every_micro_batch
+
+    callback = CurvatureCallback(loss="cross_entropy", class_dim=-1)
+    _, opt = _fit_accumulating("KFAC", callback, 2)
+    per_step = ACCUMULATE if feeds_every_micro_batch(opt) else 1
+    assert callback.sampled_passes == 2 * per_step
+    assert all(s["updates"] == 2 for s in _statistics(opt) if "updates" in s)

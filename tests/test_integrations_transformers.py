@@ -134,3 +134,77 @@ def test_bad_options_and_outputs(tmp_path):
     with pytest.raises(RuntimeError, match="no_such_thing"):
         trainer.train()
     assert os.path.isdir(tmp_path)
+
+
+# ---------------------------------------------------------------------------- gradient accumulation
+ACCUMULATE = 2
+
+
+def _fixed_sampler(outputs, generator):
+    """A deterministic stand-in for the sampled loss (a per-example mean), so that the evidence of
+    the micro-batches can be compared with the evidence of the whole batch."""
+    return 0.5 * outputs.float().pow(2).sum(-1).mean()
+
+
+def _train_accumulating(tmp_path, **options):
+    model = _model()
+    opt = _make("TNT", model)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=BATCH // ACCUMULATE,
+        gradient_accumulation_steps=ACCUMULATE, use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, max_grad_norm=0.0, lr_scheduler_type="constant",
+        dataloader_num_workers=0, seed=0,
+    )
+    trainer = _InOrder(model=model, args=args, train_dataset=_Data(), optimizers=(opt, None), **options)
+    trainer.train()
+    return trainer, opt
+
+
+def _statistics(opt):
+    return [opt.block_state(i)["estimator"] for i in range(len(opt.blocks))]
+
+
+def test_trainer_feeds_every_micro_batch_as_a_plain_accumulating_loop_does(tmp_path):
+    """gradient_accumulation_steps=2: one sampled pass per micro-batch; after the accumulated step
+    the statistics equal those of a plain loop calling update_curvature on each micro-batch."""
+    trainer, opt = _train_accumulating(tmp_path)
+    assert trainer.sampled_passes == ACCUMULATE and opt.step_count == 1
+    model = _model()
+    model.train()
+    ref = _make("TNT", model)
+    data = _Data()
+    sampler = sequence_sampler("cross_entropy", class_dim=-1)
+    micro = BATCH // ACCUMULATE
+    for i in range(ACCUMULATE):
+        ids = data.ids[i * micro:(i + 1) * micro]
+        out = model(input_ids=ids, labels=ids)
+        ref.update_curvature(out.logits, loss=sampler)
+        out.loss.backward()
+    ref.step()
+    moved = 0
+    for ours, theirs in zip(_statistics(opt), _statistics(ref)):
+        assert ours.get("updates") == theirs.get("updates")
+        for key, value in ours.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, theirs[key], rtol=0, atol=0)
+        moved += ours.get("updates", 0) == 1
+    assert moved > 0
+
+
+def test_accumulated_statistics_equal_the_whole_batch_statistics(tmp_path):
+    """With a deterministic likelihood the accumulated evidence is the whole batch's: one plain
+    update_curvature on all of it gives the same statistics."""
+    trainer, opt = _train_accumulating(tmp_path, curvature_loss=_fixed_sampler, class_dim=None)
+    assert trainer.sampled_passes == ACCUMULATE
+    model = _model()
+    model.train()
+    ref = _make("TNT", model)
+    ids = _Data().ids[:BATCH]
+    ref.update_curvature(model(input_ids=ids).logits, loss=_fixed_sampler)
+    compared = 0
+    for ours, theirs in zip(_statistics(opt), _statistics(ref)):
+        for g, h in zip(ours.get("grams") or (), theirs.get("grams") or ()):
+            if g is not None:
+                torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+                compared += 1
+    assert compared > 0

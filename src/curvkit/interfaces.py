@@ -373,6 +373,12 @@ class Preconditioner(Part):
         :meth:`curvkit.CurvatureOptimizer.block_plan`); the registered name by default."""
         return self.name or type(self).__name__
 
+    #: Whether :meth:`~curvkit.Preconditioner.apply_group` is pure tensor code that
+    #: :func:`torch.compile` traces into one graph (no host reads, no Python values that change
+    #: from step to step): the optimizer's ``compile_update=True`` path computes the direction
+    #: inside its compiled graph, and refuses preconditioners that do not declare it.
+    traceable: ClassVar[bool] = False
+
     def apply_group(
         self,
         blocks: Sequence["Block"],

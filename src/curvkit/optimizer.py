@@ -104,6 +104,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         divide_inverses: with ``distributed`` on, each factor's inversion is owned by one rank
             (assigned at plan time, balanced by cost :math:`d^3`) and the results are shared with
             one collective per inversion step.
+        compile_update: run the momentum, direction and masked update of every step through
+            ``torch.compile(fullgraph=True, dynamic=False)`` (:func:`curvkit.engine.update.update_step`;
+            the first step compiles, a change of the active blocks or of the param-group layout
+            recompiles, a learning-rate schedule does not). Needs ``nonfinite="skip"`` and a
+            preconditioner that declares :attr:`~curvkit.Preconditioner.traceable`
+            (``kronecker_mode``, which TNT, KFAC, Shampoo and K-BFGS use). See
+            :doc:`/howto/pitfalls`.
     """
 
     def __init__(
@@ -130,6 +137,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         process_group: Any = None,
         distributed: bool | None = None,
         divide_inverses: bool = True,
+        compile_update: bool = False,
     ) -> None:
         for name, part, kind in (
             ("estimator", estimator, CurvatureEstimator),
@@ -157,6 +165,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"sync_statistics must be a bool, got {sync_statistics!r}")
         if not isinstance(strict, bool):
             raise ValueError(f"strict must be a bool, got {strict!r}")
+        _check_compile_update(compile_update, nonfinite, preconditioner)
         if sync_statistics and not estimator.linear_statistics:
             raise ValueError(
                 f"sync_statistics=True averages statistics across ranks, which is exact only for "
@@ -206,7 +215,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         else:
             self._collector.distributor = self._distributor
         self._owners: dict[tuple[int, int], int] = {}
-        self._update = UpdateRule(preconditioner, self._health, nonfinite=nonfinite)
+        self._update = UpdateRule(preconditioner, self._health, nonfinite=nonfinite, compile=compile_update)
         # FSDP2: DTensor parameters are worked on as full tensors (curvkit.engine.sharding)
         self._sharding = ShardedParams.detect([p for g in self.param_groups for p in g["params"]], self._param_names)
         self._collector.sharding = self._update.sharding = self._sharding
@@ -804,6 +813,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._used_grads = {}
             self._collector.due_blocks = weakref.WeakMethod(self._due_blocks)
             self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
+
+
+def _check_compile_update(compile_update: Any, nonfinite: str, preconditioner: Preconditioner) -> None:
+    if not isinstance(compile_update, bool):
+        raise ValueError(f"compile_update must be a bool, got {compile_update!r}")
+    if compile_update and nonfinite != "skip":
+        raise ValueError(
+            f"compile_update=True needs nonfinite='skip' (nonfinite={nonfinite!r} reads the finiteness flags "
+            f"on the host in the middle of the update, which a single compiled graph cannot do)"
+        )
+    if compile_update and not preconditioner.traceable:
+        raise ValueError(
+            f"compile_update=True needs a preconditioner whose apply_group compiles into one graph "
+            f"(Preconditioner.traceable); {preconditioner.name!r} does not declare it: leave compile_update=False"
+        )
 
 
 def _stale_message(step: int) -> str:

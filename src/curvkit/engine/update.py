@@ -13,11 +13,21 @@ For every block with a gradient, with :math:`g` its gradient in the block's view
 
 Blocks that fail a check are left exactly as they were and counted on the device; nothing is
 read on the host unless ``nonfinite="raise"``.
+
+The work is split in two. :class:`UpdatePlan` is the Python side -- which blocks are active,
+which parameters have gradients, how blocks group for the ``_foreach`` calls and for
+``apply_group`` -- built once and cached while that structure stays the same.
+:func:`update_step` is the tensor side: a function of the plan and of lists of tensors (and of
+the hyperparameters, Python numbers or 0-d tensors) that reads nothing on the host. With
+``compile_update=True`` (:class:`~curvkit.CurvatureOptimizer`) the rule runs it through
+``torch.compile(fullgraph=True, dynamic=False)``, with the hyperparameters as 0-d device
+tensors, so a changing learning rate does not recompile it (see :doc:`/howto/pitfalls`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,10 +36,15 @@ from torch import Tensor
 from ..blocks import Block
 from ..estimators.tensor_normal import statistics_dtype
 from ..interfaces import Preconditioner
-from .evidence import finite_flags
 from .health import HealthMonitor, index_tensor
 
-__all__ = ["UpdateRule"]
+__all__ = ["UpdatePlan", "UpdateRule", "update_step"]
+
+#: One param group's ``(lr, weight_decay, momentum, 1 - dampening)``, as Python numbers (eager;
+#: ``lr`` may be a 0-d tensor) or as 0-d tensors (the compiled path).
+Hyper = tuple[Any, Any, Any, Any]
+
+_MAX_PLANS = 16
 
 
 def _where_scalar(mask: Tensor, yes: float, no: float, dtype: torch.dtype) -> Tensor:
@@ -37,19 +52,310 @@ def _where_scalar(mask: Tensor, yes: float, no: float, dtype: torch.dtype) -> Te
     return torch.full(mask.shape, yes, dtype=dtype, device=mask.device).masked_fill_(~mask, no)
 
 
+def _where_one(mask: Tensor, yes: Any, dtype: torch.dtype) -> Tensor:
+    """``yes`` where ``mask`` else 1, in ``dtype``; ``yes`` a Python number or a 0-d tensor."""
+    if isinstance(yes, Tensor):
+        return torch.where(mask, yes.to(dtype), torch.ones((), dtype=dtype, device=mask.device))
+    return _where_scalar(mask, yes, 1.0, dtype)
+
+
 def _zeros_like_scalar(t: Tensor) -> Tensor:
     return torch.zeros((), dtype=t.dtype, device=t.device)
 
 
-class UpdateRule:
-    """Momentum, direction and parameter update for the active blocks of one step."""
+def _finite(tensors: Sequence[Tensor]) -> Tensor:
+    """One bool per tensor, ``True`` where every entry is finite: one fused ``_foreach_norm`` per
+    dtype and device (the values of :func:`curvkit.engine.evidence.finite_flags`, in a form
+    ``torch.compile`` traces without side effects)."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.dtype, t.device), []).append(i)
+    if len(buckets) == 1:
+        return torch.isfinite(torch.stack(torch._foreach_norm(list(tensors))))
+    device = tensors[0].device
+    flags: list[Tensor | None] = [None] * len(tensors)
+    for idx in buckets.values():
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx])):
+            flags[i] = torch.isfinite(n).to(device)
+    return torch.stack(flags)  # type: ignore[arg-type]
 
-    def __init__(self, preconditioner: Preconditioner, health: HealthMonitor, *, nonfinite: str) -> None:
+
+@dataclass(frozen=True, eq=False)
+class UpdatePlan:
+    """The Python side of one step's update (cached by :class:`UpdateRule` while it holds).
+
+    A *slot* is one (param group, device) pair: its hyperparameters are read afresh at every
+    step, so the plan survives learning-rate schedules.
+
+    Attributes:
+        blocks: the active blocks (those with at least one gradient).
+        work: per block, the dtype the update works in (its statistics dtype).
+        slot_groups: per slot, the position of its param group among ``groups`` of
+            :meth:`UpdateRule.prepare`.
+        slot_devices: per slot, its device.
+        momentum_sets: ``(slot, block positions, index tensor)`` per (schedule slot, dtype) of
+            blocks with momentum; the index tensor selects their ``ok_g`` flags.
+        plain: ``(block position, slot)`` of the blocks without momentum.
+        shape_groups: block positions of each group of equal view shape, dtype, device and kind
+            (one ``apply_group`` call each).
+        update_sets: ``(slot, decays, ((block position, parameter index), ...))`` per (param
+            group, device, parameter dtype): the parameters with a gradient.
+    """
+
+    blocks: tuple[Block, ...]
+    work: tuple[torch.dtype, ...]
+    slot_groups: tuple[int, ...]
+    slot_devices: tuple[torch.device, ...]
+    momentum_sets: tuple[tuple[int, tuple[int, ...], Tensor], ...]
+    plain: tuple[tuple[int, int], ...]
+    shape_groups: tuple[tuple[int, ...], ...]
+    update_sets: tuple[tuple[int, bool, tuple[tuple[int, int], ...]], ...]
+
+
+# ---------------------------------------------------------------------------- the tensor side
+def gradient_views(plan: UpdatePlan, params: Sequence[Sequence[Tensor]], grads: Sequence[Sequence[Tensor | None]]) -> tuple[Tensor, list[Tensor]]:
+    """``(ok_g, safe)``: the finiteness flag of each block's gradient view, and the view in the
+    working dtype with non-finite views replaced by zeros."""
+    views = [
+        b.to_view([torch.zeros_like(p) if g is None else g for p, g in zip(ps, gs)]).to(w)
+        for b, ps, gs, w in zip(plan.blocks, params, grads, plan.work)
+    ]
+    ok_g = _finite(views)
+    return ok_g, [torch.where(ok_g[i], g, _zeros_like_scalar(g)) for i, g in enumerate(views)]
+
+
+def momentum_buffers(
+    plan: UpdatePlan, momenta: Sequence[Tensor | None], safe: Sequence[Tensor], ok_g: Tensor, hyper: Sequence[Hyper]
+) -> list[Tensor]:
+    r""":math:`M \leftarrow \mu M + (1 - d)\,g` in place where ``ok_g`` (:math:`\mu` = 1 and
+    :math:`g` = 0 elsewhere); the buffers to precondition, one per block."""
+    buffers: list[Tensor | None] = list(momenta)
+    for pos, slot in plan.plain:
+        keep = hyper[slot][3]
+        buffers[pos] = safe[pos] if not isinstance(keep, Tensor) and keep == 1.0 else safe[pos] * keep
+    for slot, idx, index in plan.momentum_sets:
+        mu, keep = hyper[slot][2], hyper[slot][3]
+        bufs = [buffers[i] for i in idx]
+        mu_eff = _where_one(ok_g[index], mu, bufs[0].dtype)  # type: ignore[union-attr]
+        torch._foreach_mul_(bufs, list(mu_eff.unbind(0)))
+        if isinstance(keep, Tensor):
+            torch._foreach_add_(bufs, torch._foreach_mul([safe[i] for i in idx], keep))
+        else:
+            torch._foreach_add_(bufs, [safe[i] for i in idx], alpha=keep)
+    return buffers  # type: ignore[return-value]
+
+
+def directions_of(
+    plan: UpdatePlan,
+    preconditioner: Preconditioner,
+    pre_states: Sequence[dict[str, Any]],
+    buffers: Sequence[Tensor],
+    inverses: Sequence[Any],
+    safe: Sequence[Tensor],
+    statistics: Sequence[dict[str, Any]] | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """The preconditioned directions (one ``apply_group`` per shape group) and their
+    finiteness flags. ``statistics`` (the estimator states) go to preconditioners that declare
+    :attr:`~curvkit.Preconditioner.reads_statistics` (EKFAC's scalings)."""
+    directions: list[Tensor | None] = [None] * len(plan.blocks)
+    for idx in plan.shape_groups:
+        extra: dict[str, Any] = {}
+        if statistics is not None:
+            extra["statistics"] = [statistics[i] for i in idx]
+        outs = preconditioner.apply_group(
+            [plan.blocks[i] for i in idx],
+            [pre_states[i] for i in idx],
+            [buffers[i] for i in idx],
+            [inverses[i] for i in idx],
+            gradients=[safe[i] for i in idx],
+            **extra,
+        )
+        for i, d in zip(idx, outs):
+            directions[i] = d
+    return directions, _finite(directions)  # type: ignore[return-value,arg-type]
+
+
+def apply_update(
+    plan: UpdatePlan,
+    params: Sequence[Sequence[Tensor]],
+    directions: Sequence[Tensor],
+    ok: Tensor,
+    hyper: Sequence[Hyper],
+    sharding: Any = None,
+) -> None:
+    r""":math:`W \leftarrow W (1 - \eta\,\mathrm{wd}) - \eta P` in place where ``ok``. Under FSDP2
+    (``sharding``, a :class:`~curvkit.engine.sharding.ShardedParams`) each rank updates its
+    shard with its rows of the full step."""
+    parts = [b.from_view(torch.where(ok[i], d, _zeros_like_scalar(d))) for i, (b, d) in enumerate(zip(plan.blocks, directions))]
+    if sharding is not None:
+        local = {(i, j): sharding.local(parts[i][j], params[i][j]) for _, _, members in plan.update_sets for i, j in members}
+        params = [[local[(i, j)][0] if (i, j) in local else p for j, p in enumerate(ps)] for i, ps in enumerate(params)]
+        parts = [[local[(i, j)][1] if (i, j) in local else t for j, t in enumerate(ts)] for i, ts in enumerate(parts)]
+    for slot, decays, members in plan.update_sets:
+        lr, wd = hyper[slot][0], hyper[slot][1]
+        ps = [params[i][j] for i, j in members]
+        dtype = ps[0].dtype
+        if decays:
+            oks = torch.stack([ok[i] for i, _ in members])
+            if isinstance(lr, Tensor) or isinstance(wd, Tensor):
+                scale = torch.where(oks, (1.0 - lr * wd).to(dtype), torch.ones((), dtype=dtype, device=oks.device))
+            else:
+                scale = _where_scalar(oks, 1.0 - lr * wd, 1.0, dtype)
+            torch._foreach_mul_(ps, list(scale.unbind(0)))
+        steps = [parts[i][j].to(dtype) for i, j in members]
+        if isinstance(lr, Tensor):
+            torch._foreach_add_(ps, torch._foreach_mul(steps, -lr))
+        else:
+            torch._foreach_add_(ps, steps, alpha=-lr)
+
+
+def update_step(
+    plan: UpdatePlan,
+    preconditioner: Preconditioner,
+    params: Sequence[Sequence[Tensor]],
+    grads: Sequence[Sequence[Tensor | None]],
+    momenta: Sequence[Tensor | None],
+    pre_states: Sequence[dict[str, Any]],
+    inverses: Sequence[Any],
+    hyper: Sequence[Hyper],
+    statistics: Sequence[dict[str, Any]] | None = None,
+    sharding: Any = None,
+) -> tuple[Tensor, Tensor]:
+    """One step's momentum, direction and masked update over lists of tensors (no host reads).
+
+    What :func:`torch.compile` wraps with ``compile_update=True``.
+
+    Args:
+        plan: the step's :class:`UpdatePlan`.
+        preconditioner: the preconditioner part.
+        params: per block, its parameters (updated in place).
+        grads: per block, one gradient per parameter (``None``: none).
+        momenta: per block, its momentum buffer (updated in place), ``None`` without momentum.
+        pre_states: per block, the preconditioner's state.
+        inverses: per block, its per-mode inverses (or ``None``).
+        hyper: per slot of the plan, ``(lr, weight_decay, momentum, 1 - dampening)``.
+        statistics: per block, the estimator state, for preconditioners that read it.
+        sharding: FSDP2's :class:`~curvkit.engine.sharding.ShardedParams` (``None`` otherwise).
+
+    Returns:
+        ``(ok_g, ok_d)``: per block, whether its gradient was finite, and whether its direction
+        was.
+    """
+    ok_g, safe = gradient_views(plan, params, grads)
+    buffers = momentum_buffers(plan, momenta, safe, ok_g, hyper)
+    directions, ok_d = directions_of(plan, preconditioner, pre_states, buffers, inverses, safe, statistics)
+    apply_update(plan, params, directions, ok_g & ok_d, hyper, sharding)
+    return ok_g, ok_d
+
+
+# ---------------------------------------------------------------------------- the Python side
+class UpdateRule:
+    """Momentum, direction and parameter update for the active blocks of one step.
+
+    Args:
+        preconditioner: the preconditioner part.
+        health: the health monitor (device counters of skipped blocks).
+        nonfinite: ``"skip"`` or ``"raise"``.
+        compile: run :func:`update_step` through ``torch.compile(fullgraph=True,
+            dynamic=False)`` (needs ``nonfinite="skip"`` and a preconditioner that declares
+            :attr:`~curvkit.Preconditioner.traceable`; the optimizer checks both).
+    """
+
+    #: The ``torch.compile`` backend of the compiled path.
+    backend: str = "inductor"
+
+    def __init__(self, preconditioner: Preconditioner, health: HealthMonitor, *, nonfinite: str, compile: bool = False) -> None:
         self.preconditioner = preconditioner
         self.health = health
         self.nonfinite = nonfinite
+        self.compile = compile
+        self._plans: dict[tuple[Any, ...], UpdatePlan] = {}
+        self._hyper: dict[tuple[Any, ...], list[tuple[Tensor, ...]]] = {}
+        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
         self.sharding: Any = None  # FSDP2: a curvkit.engine.sharding.ShardedParams
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_plans={}, _hyper={}, _compiled=None)  # rebuilt on use (hold ids and compiled code)
+        return state
+
+    # -------------------------------------------------------------- planning
+    def prepare(
+        self,
+        blocks: Sequence[Block],
+        block_ids: Sequence[int],
+        states: Sequence[dict[str, Any]],
+        inverses: Sequence[Any],
+        group_of: Callable[[Tensor], dict[str, Any]],
+        schedule_group: Sequence[dict[str, Any]],
+        full_grads: dict[int, Tensor | None] | None = None,
+    ) -> tuple[UpdatePlan, tuple[Any, ...]]:
+        """The (cached) plan of this step and the arguments of :func:`update_step` (under FSDP2,
+        ``full_grads`` holds the gathered full gradients)."""
+        groups: dict[int, dict[str, Any]] = {}
+        sig: list[Any] = [tuple(block_ids)]
+        for b, sg in zip(blocks, schedule_group):
+            groups.setdefault(id(sg), sg)
+            sig.append(id(sg))
+            for p in b.params:
+                g = group_of(p)
+                groups.setdefault(id(g), g)
+                sig.append((p.grad is None, id(g), p.dtype, p.device))
+        sig.extend((k, g["momentum"] != 0, bool(g["weight_decay"])) for k, g in groups.items())
+        key = tuple(sig)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = _build_plan(blocks, schedule_group, group_of, list(groups))
+        for b, state, sg in zip(blocks, states, schedule_group):
+            if sg["momentum"] != 0 and state.get("momentum") is None:
+                ref = b.params[0]
+                state["momentum"] = torch.zeros(b.shape, dtype=statistics_dtype(ref.dtype), device=ref.device)
+        ordered = list(groups.values())
+        momenta = [s.get("momentum") if sg["momentum"] != 0 else None for s, sg in zip(states, schedule_group)]
+        args = (
+            plan,
+            self.preconditioner,
+            [b.params for b in blocks],
+            [tuple(p.grad for p in b.params) for b in blocks] if full_grads is None else [
+                tuple(self.sharding.zeros(p) if full_grads.get(id(p)) is None else full_grads[id(p)] for p in b.params)
+                for b in blocks
+            ],
+            momenta,
+            [s["preconditioner"] for s in states],
+            list(inverses),
+            self._hyperparameters(plan, ordered),
+            [s["estimator"] for s in states] if self.preconditioner.reads_statistics else None,
+            self.sharding if full_grads is not None else None,
+        )
+        return plan, args
+
+    def _hyperparameters(self, plan: UpdatePlan, groups: Sequence[dict[str, Any]]) -> list[Hyper]:
+        hyper = [
+            (g["lr"], g["weight_decay"], g["momentum"], 1.0 - g.get("dampening", 0.0))
+            for g in (groups[gi] for gi in plan.slot_groups)
+        ]
+        if not self.compile:
+            return hyper
+        # the compiled path: 0-d float64 tensors on each slot's device, copied to the device only
+        # when a value changes, so a learning-rate schedule neither recompiles nor reads the host
+        floats = tuple(tuple(0.0 if isinstance(v, Tensor) else float(v) for v in h) for h in hyper)
+        key = (floats, plan.slot_devices)
+        rows = self._hyper.get(key)
+        if rows is None:
+            if len(self._hyper) >= _MAX_PLANS:
+                self._hyper.clear()
+            rows = [()] * len(floats)
+            for device in dict.fromkeys(plan.slot_devices):
+                slots = [s for s, d in enumerate(plan.slot_devices) if d == device]
+                table = torch.tensor([floats[s] for s in slots], dtype=torch.float64, device=device)
+                for s, row in zip(slots, table.unbind(0)):
+                    rows[s] = tuple(row.unbind(0))
+            self._hyper[key] = rows
+        return [tuple(v if isinstance(v, Tensor) else t for v, t in zip(h, row)) for h, row in zip(hyper, rows)]  # type: ignore[misc]
+
+    # -------------------------------------------------------------- the step
     def __call__(
         self,
         blocks: Sequence[Block],
@@ -65,99 +371,78 @@ class UpdateRule:
         ``full_grads`` holds the gathered full gradients and each rank updates its shard."""
         if not blocks:
             return
-        work = [statistics_dtype(b.params[0].dtype) for b in blocks]
-        grad_of = (lambda p: p.grad) if full_grads is None else (lambda p: full_grads.get(id(p)))
-        grads = [
-            b.to_view([(torch.zeros_like(p) if full_grads is None else self.sharding.zeros(p)) if grad_of(p) is None
-                       else grad_of(p) for p in b.params]).to(w)
-            for b, w in zip(blocks, work)
-        ]
-        ok_g = finite_flags(grads)
+        plan, args = self.prepare(blocks, block_ids, states, inverses, group_of, schedule_group, full_grads)
         if self.nonfinite == "raise":
-            for b, good in zip(blocks, ok_g.tolist()):
-                if not good:
-                    raise FloatingPointError(f"non-finite gradient in block {b.name!r} at step {step}")
-        device = ok_g.device
-        ids = index_tensor(block_ids, device)
+            ok_g, ok_d = self._checked(plan, args, step)
+        elif self.compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(update_step, fullgraph=True, dynamic=False, backend=self.backend)
+            ok_g, ok_d = self._compiled(*args)
+        else:
+            ok_g, ok_d = update_step(*args)
+        ids = index_tensor(block_ids, ok_g.device)
         self.health.count_device("skipped_nonfinite_grad", ids, ~ok_g)
-        safe = [torch.where(ok_g[i], g, _zeros_like_scalar(g)) for i, g in enumerate(grads)]
-
-        # momentum, grouped by (mu, keep): M <- mu_eff M + keep g_safe, mu_eff = mu where ok else 1
-        buffers: list[Tensor] = []
-        by_coeffs: dict[tuple[float, float], list[int]] = defaultdict(list)
-        for i, (b, state) in enumerate(zip(blocks, states)):
-            group = schedule_group[i]
-            mu, keep = group["momentum"], 1.0 - group.get("dampening", 0.0)
-            if mu == 0:
-                buffers.append(safe[i] if keep == 1.0 else safe[i] * keep)
-                continue
-            if state.get("momentum") is None:
-                state["momentum"] = torch.zeros_like(safe[i])
-            buffers.append(state["momentum"])
-            by_coeffs[(mu, keep)].append(i)
-        for (mu, keep), idx in by_coeffs.items():
-            bufs = [buffers[i] for i in idx]
-            mu_eff = _where_scalar(ok_g[index_tensor(idx, device)], mu, 1.0, bufs[0].dtype)
-            torch._foreach_mul_(bufs, list(mu_eff.unbind(0)))
-            torch._foreach_add_(bufs, [safe[i] for i in idx], alpha=keep)
-
-        # directions, one apply_group per group of equal view shape, dtype, device
-        directions: list[Tensor | None] = [None] * len(blocks)
-        shape_groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for i, b in enumerate(blocks):
-            shape_groups[(b.shape, buffers[i].dtype, buffers[i].device, b.kind)].append(i)
-        for idx in shape_groups.values():
-            # --- seam: preconditioners that read the estimator's statistics (EKFAC) ---
-            extra: dict[str, Any] = {}
-            if self.preconditioner.reads_statistics:
-                extra["statistics"] = [states[i]["estimator"] for i in idx]
-            # --- end seam ---
-            outs = self.preconditioner.apply_group(
-                [blocks[i] for i in idx],
-                [states[i]["preconditioner"] for i in idx],
-                [buffers[i] for i in idx],
-                [inverses[i] for i in idx],
-                gradients=[safe[i] for i in idx],
-                **extra,
-            )
-            for i, d in zip(idx, outs):
-                directions[i] = d
-        ok_d = finite_flags(directions)  # type: ignore[arg-type]
-        if self.nonfinite == "raise":
-            for b, good in zip(blocks, ok_d.tolist()):
-                if not good:
-                    raise FloatingPointError(f"non-finite direction in block {b.name!r} at step {step}")
         self.health.count_device("skipped_nonfinite_direction", ids, ok_g & ~ok_d)
-        ok = ok_g & ok_d
 
-        # parameter update, grouped by (lr, wd, dtype)
-        params_by: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, Tensor]]] = defaultdict(list)
-        lr_of: dict[tuple[Any, ...], Any] = {}
-        for i, b in enumerate(blocks):
-            d = directions[i]
-            parts = b.from_view(torch.where(ok[i], d, _zeros_like_scalar(d)))
-            for p, part in zip(b.params, parts):
-                if p.grad is None:
-                    continue
-                group = group_of(p)
-                lr, wd = group["lr"], group["weight_decay"]
-                key = (id(lr) if isinstance(lr, Tensor) else lr, wd, p.dtype, p.device)
-                lr_of[key] = lr
-                target, part = (p, part) if self.sharding is None else self.sharding.local(part, p)  # FSDP2 shard
-                params_by[key].append((target, part.to(p.dtype), ok[i]))
-        for key, items in params_by.items():
-            wd = key[1]
-            ps = [p for p, _, _ in items]
-            lr = lr_of[key]
-            if wd:
-                oks = torch.stack([o for _, _, o in items])
-                if isinstance(lr, Tensor):
-                    scale = torch.where(oks, (1.0 - lr * wd).to(ps[0].dtype), torch.ones((), dtype=ps[0].dtype, device=oks.device))
-                else:
-                    scale = _where_scalar(oks, 1.0 - lr * wd, 1.0, ps[0].dtype)
-                torch._foreach_mul_(ps, list(scale.unbind(0)))
-            steps = [part for _, part, _ in items]
-            if isinstance(lr, Tensor):
-                torch._foreach_add_(ps, torch._foreach_mul(steps, -lr))
-            else:
-                torch._foreach_add_(ps, steps, alpha=-lr)
+    def _checked(self, plan: UpdatePlan, args: tuple[Any, ...], step: int) -> tuple[Tensor, Tensor]:
+        """:func:`update_step` with the flags read on the host between its phases
+        (``nonfinite="raise"``): nothing is updated after a non-finite gradient, and the
+        parameters are not updated after a non-finite direction."""
+        _, preconditioner, params, grads, momenta, pre_states, inverses, hyper, statistics, sharding = args
+        ok_g, safe = gradient_views(plan, params, grads)
+        for b, good in zip(plan.blocks, ok_g.tolist()):
+            if not good:
+                raise FloatingPointError(f"non-finite gradient in block {b.name!r} at step {step}")
+        buffers = momentum_buffers(plan, momenta, safe, ok_g, hyper)
+        directions, ok_d = directions_of(plan, preconditioner, pre_states, buffers, inverses, safe, statistics)
+        for b, good in zip(plan.blocks, ok_d.tolist()):
+            if not good:
+                raise FloatingPointError(f"non-finite direction in block {b.name!r} at step {step}")
+        apply_update(plan, params, directions, ok_g & ok_d, hyper, sharding)
+        return ok_g, ok_d
+
+
+def _build_plan(
+    blocks: Sequence[Block],
+    schedule_group: Sequence[dict[str, Any]],
+    group_of: Callable[[Tensor], dict[str, Any]],
+    group_ids: Sequence[int],
+) -> UpdatePlan:
+    position = {gid: i for i, gid in enumerate(group_ids)}
+    slots: dict[tuple[int, torch.device], int] = {}
+
+    def slot_of(group: dict[str, Any], device: torch.device) -> int:
+        return slots.setdefault((position[id(group)], device), len(slots))
+
+    work = tuple(statistics_dtype(b.params[0].dtype) for b in blocks)
+    device0 = blocks[0].params[0].device
+    momentum: dict[tuple[int, torch.dtype], list[int]] = defaultdict(list)
+    plain: list[tuple[int, int]] = []
+    shapes: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    updates: dict[tuple[int, torch.dtype], list[tuple[int, int]]] = defaultdict(list)
+    decays: dict[int, bool] = {}
+    for i, (b, sg, w) in enumerate(zip(blocks, schedule_group, work)):
+        device = b.params[0].device
+        slot = slot_of(sg, device)
+        if sg["momentum"] == 0:
+            plain.append((i, slot))
+        else:
+            momentum[(slot, w)].append(i)
+        shapes[(b.shape, w, device, b.kind)].append(i)
+        for j, p in enumerate(b.params):
+            if p.grad is None:
+                continue
+            g = group_of(p)
+            s = slot_of(g, p.device)
+            decays[s] = bool(g["weight_decay"])
+            updates[(s, p.dtype)].append((i, j))
+    return UpdatePlan(
+        blocks=tuple(blocks),
+        work=work,
+        slot_groups=tuple(gi for gi, _ in slots),
+        slot_devices=tuple(d for _, d in slots),
+        momentum_sets=tuple((s, tuple(idx), index_tensor(idx, device0)) for (s, _), idx in momentum.items()),
+        plain=tuple(plain),
+        shape_groups=tuple(tuple(idx) for idx in shapes.values()),
+        update_sets=tuple((s, decays[s], tuple(members)) for (s, _), members in updates.items()),
+    )

@@ -9,12 +9,13 @@ The submodules import their library on first use and need the ``integrations`` e
   :class:`~curvkit.integrations.transformers.CurvatureTrainer`, a ``transformers.Trainer`` that
   runs the sampled pass and hands K-BFGS its closure.
 
-:func:`sequence_sampler` and :func:`find_curvature_optimizer` are the pieces both share; see
+:func:`sequence_sampler`, :func:`find_curvature_optimizer` and :func:`feeds_every_micro_batch`
+are the pieces both share; see
 :doc:`/howto/trainers` for what each integration does per step and what it costs.
 """
 
 from __future__ import annotations
 
-from ._common import find_curvature_optimizer, sequence_sampler
+from ._common import feeds_every_micro_batch, find_curvature_optimizer, sequence_sampler
 
-__all__ = ["find_curvature_optimizer", "sequence_sampler"]
+__all__ = ["feeds_every_micro_batch", "find_curvature_optimizer", "sequence_sampler"]

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..fisher import REDUCTIONS, LossSpec, resolve_loss, sampled_loss
 from ..optimizer import CurvatureOptimizer
 
-__all__ = ["find_curvature_optimizer", "sequence_sampler"]
+__all__ = ["feeds_every_micro_batch", "find_curvature_optimizer", "sequence_sampler"]
 
 
 def sequence_sampler(
@@ -57,6 +57,18 @@ def sequence_sampler(
         return sampled_loss(outputs, name, class_dim=class_dim, reduction=reduction, generator=generator)
 
     return sampler
+
+
+def feeds_every_micro_batch(optimizer: CurvatureOptimizer) -> bool:
+    """Whether the integrations call ``update_curvature`` on every micro-batch of an accumulated
+    step (``True``) or on the first one only.
+
+    The engine accumulates the sampled evidence of several ``update_curvature`` calls before one
+    ``step()`` as the batch-size weighted mean (:mod:`curvkit.engine.evidence`) for estimators
+    that read parameter gradients (TNT). Estimators that read layer records (KFAC) take one call
+    per step: they get the first micro-batch.
+    """
+    return not optimizer.evidence.layer_io
 
 
 def find_curvature_optimizer(optimizer: Any) -> CurvatureOptimizer | None:

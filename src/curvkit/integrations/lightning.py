@@ -18,7 +18,10 @@ forward pass and before ``loss.backward()``. :class:`CurvatureCallback` runs it:
 and the callback, right after ``training_step`` returns (Lightning has not run the backward yet),
 calls :meth:`~curvkit.CurvatureOptimizer.update_curvature` on the innermost curvkit optimizer,
 then hands Lightning the output without ``"outputs"`` (so the logits are not kept for
-``on_train_batch_end``). K-BFGS needs nothing more: Lightning's automatic optimisation passes a
+``on_train_batch_end``). With ``accumulate_grad_batches=k`` it does so on every micro-batch of a
+statistics step, and the optimizer feeds the batch-size weighted mean of their sampled gradients
+at ``step()`` (for layer estimators, which take one call per step, the first micro-batch only;
+see :func:`~curvkit.integrations.feeds_every_micro_batch`). K-BFGS needs nothing more: Lightning's automatic optimisation passes a
 closure (training step, zero_grad, backward) to ``optimizer.step``, which K-BFGS calls again after
 the update on the same batch.
 
@@ -47,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..fisher import LossSpec
 from ..interfaces import Source
 from ..optimizer import CurvatureOptimizer
-from ._common import find_curvature_optimizer, sequence_sampler
+from ._common import feeds_every_micro_batch, find_curvature_optimizer, sequence_sampler
 
 __all__ = ["CurvatureCallback"]
 
@@ -123,7 +126,8 @@ class CurvatureCallback(pl.Callback):
         has_outputs = isinstance(output, Mapping) and self.outputs_key in output
         due = [
             o for o in sampled
-            if self._fed_at.get(id(o)) != o.step_count and any(o.statistics_due(g) for g in range(len(o.param_groups)))
+            if (self._fed_at.get(id(o)) != o.step_count or feeds_every_micro_batch(o))
+            and any(o.statistics_due(g) for g in range(len(o.param_groups)))
         ]
         if due and not has_outputs:
             raise RuntimeError(
@@ -132,9 +136,8 @@ class CurvatureCallback(pl.Callback):
                 f"that the sampled pass of {type(due[0].estimator).__name__} can run before the backward"
             )
         for opt in due:
-            # once per optimizer step: a second training_step of the same step (the closure that
-            # K-BFGS calls after the update, or further micro-batches of gradient accumulation)
-            # feeds nothing
+            # every micro-batch of an accumulated step (accumulate_grad_batches), where the
+            # engine accumulates the evidence; otherwise the first one only
             self._fed_at[id(opt)] = opt.step_count
             if opt.update_curvature(output[self.outputs_key], loss=self.loss):
                 self.sampled_passes += 1

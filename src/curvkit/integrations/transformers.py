@@ -4,7 +4,9 @@ r"""Hugging Face ``transformers``: a ``Trainer`` that runs the sampled pass and 
 ``optimizer.step()`` without a closure, and it offers no callback between the forward and the
 backward. :class:`CurvatureTrainer` overrides ``compute_loss``: after the forward pass of a
 training step it calls :meth:`~curvkit.CurvatureOptimizer.update_curvature` on the model's
-logits (``outputs.logits``, classes last, so ``class_dim=-1`` by default), and for optimizers that
+logits (``outputs.logits``, classes last, so ``class_dim=-1`` by default) -- on every micro-batch
+with ``gradient_accumulation_steps > 1`` (see
+:func:`~curvkit.integrations.feeds_every_micro_batch`) -- and for optimizers that
 re-evaluate the loss after the update (K-BFGS) it makes ``optimizer.step()`` use a closure that
 repeats the forward and backward pass on the same inputs.
 
@@ -33,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ..fisher import LossSpec
 from ..interfaces import Source
 from ..optimizer import CurvatureOptimizer
-from ._common import find_curvature_optimizer, sequence_sampler
+from ._common import feeds_every_micro_batch, find_curvature_optimizer, sequence_sampler
 
 __all__ = ["CurvatureTrainer"]
 
@@ -129,8 +131,9 @@ class CurvatureTrainer(transformers.Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         opt = self.curvature_optimizer()
         if opt is not None and model.training and torch.is_grad_enabled() and not self._in_closure:
-            if opt.evidence.source is Source.SAMPLED and self._fed_at != opt.step_count:
-                # once per optimizer step (the first micro-batch under gradient accumulation)
+            if opt.evidence.source is Source.SAMPLED and (self._fed_at != opt.step_count or feeds_every_micro_batch(opt)):
+                # every micro-batch of an accumulated step (gradient_accumulation_steps), where
+                # the engine accumulates the evidence; otherwise the first one only
                 self._fed_at = opt.step_count
                 if opt.update_curvature(self._outputs_of(outputs), loss=self.curvature_loss):
                     self.sampled_passes += 1

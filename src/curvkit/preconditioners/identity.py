@@ -24,6 +24,7 @@ class IdentityPreconditioner(Preconditioner):
     """:math:`P = M`: ignores curvature (a baseline, and the fallback of unsupported blocks)."""
 
     Config = IdentityPreconditionerConfig
+    traceable = True
 
     def describe(self, block: Block) -> str:
         """What the block gets."""

@@ -33,6 +33,7 @@ class KroneckerMode(Preconditioner):
     """
 
     Config = KroneckerModeConfig
+    traceable = True
 
     def describe(self, block: Block) -> str:
         """What the block gets (``"Kronecker 2 modes: 64x64, 33x33"``)."""
