@@ -300,6 +300,6 @@ def test_layer_estimators_under_accumulation_get_the_micro_batches_the_engine_ta
 
     callback = CurvatureCallback(loss="cross_entropy", class_dim=-1)
     _, opt = _fit_accumulating("KFAC", callback, 2)
-    per_step = ACCUMULATE if feeds_every_micro_batch(opt) else 1
-    assert callback.sampled_passes == 2 * per_step
+    assert feeds_every_micro_batch(opt)  # KFAC accumulates micro-batches
+    assert callback.sampled_passes == 2 * ACCUMULATE
     assert all(s["updates"] == 2 for s in _statistics(opt) if "updates" in s)

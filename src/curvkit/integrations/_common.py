@@ -63,12 +63,14 @@ def feeds_every_micro_batch(optimizer: CurvatureOptimizer) -> bool:
     """Whether the integrations call ``update_curvature`` on every micro-batch of an accumulated
     step (``True``) or on the first one only.
 
-    The engine accumulates the sampled evidence of several ``update_curvature`` calls before one
-    ``step()`` as the batch-size weighted mean (:mod:`curvkit.engine.evidence`) for estimators
-    that read parameter gradients (TNT). Estimators that read layer records (KFAC) take one call
-    per step: they get the first micro-batch.
+    The engine accumulates the evidence of several ``update_curvature`` calls before one
+    ``step()`` as the whole batch's (:mod:`curvkit.engine.evidence`): the batch-size weighted
+    mean of the sampled gradients for estimators that read them (TNT), the summed per-micro-batch
+    statistics for layer estimators that accumulate (KFAC, EKFAC). A layer estimator that does
+    not (a plugin's without :meth:`~curvkit.CurvatureEstimator.batch_statistics`) gets the first
+    micro-batch.
     """
-    return not optimizer.evidence.layer_io
+    return not optimizer.evidence.layer_io or optimizer.estimator.accumulates
 
 
 def find_curvature_optimizer(optimizer: Any) -> CurvatureOptimizer | None:

@@ -20,8 +20,8 @@ calls :meth:`~curvkit.CurvatureOptimizer.update_curvature` on the innermost curv
 then hands Lightning the output without ``"outputs"`` (so the logits are not kept for
 ``on_train_batch_end``). With ``accumulate_grad_batches=k`` it does so on every micro-batch of a
 statistics step, and the optimizer feeds the batch-size weighted mean of their sampled gradients
-at ``step()`` (for layer estimators, which take one call per step, the first micro-batch only;
-see :func:`~curvkit.integrations.feeds_every_micro_batch`). K-BFGS needs nothing more: Lightning's automatic optimisation passes a
+at ``step()`` (layer estimators that accumulate, KFAC, sum each micro-batch's statistics; see
+:func:`~curvkit.integrations.feeds_every_micro_batch`). K-BFGS needs nothing more: Lightning's automatic optimisation passes a
 closure (training step, zero_grad, backward) to ``optimizer.step``, which K-BFGS calls again after
 the update on the same batch.
 
