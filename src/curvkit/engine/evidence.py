@@ -455,7 +455,7 @@ class EvidenceCollector:
             )
             for i in ids:
                 valid[i] = per_block[i]
-                evid[i] = [None if g is None else torch.where(per_block[i], g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in evid[i]]
+                evid[i] = [None if g is None else torch.where(per_block[i], g, 0.0) for g in evid[i]]
         layer = self.recorder
         with _no_autocast(blocks):
             for bi, b, gl, v in zip(block_ids, blocks, evid, valid):

@@ -59,10 +59,6 @@ def _where_one(mask: Tensor, yes: Any, dtype: torch.dtype) -> Tensor:
     return _where_scalar(mask, yes, 1.0, dtype)
 
 
-def _zeros_like_scalar(t: Tensor) -> Tensor:
-    return torch.zeros((), dtype=t.dtype, device=t.device)
-
-
 def _finite(tensors: Sequence[Tensor]) -> Tensor:
     """One bool per tensor, ``True`` where every entry is finite: one fused ``_foreach_norm`` per
     dtype and device (the values of :func:`curvkit.engine.evidence.finite_flags`, in a form
@@ -121,7 +117,7 @@ def gradient_views(plan: UpdatePlan, params: Sequence[Sequence[Tensor]], grads: 
         for b, ps, gs, w in zip(plan.blocks, params, grads, plan.work)
     ]
     ok_g = _finite(views)
-    return ok_g, [torch.where(ok_g[i], g, _zeros_like_scalar(g)) for i, g in enumerate(views)]
+    return ok_g, [torch.where(ok_g[i], g, 0.0) for i, g in enumerate(views)]
 
 
 def momentum_buffers(
@@ -186,7 +182,7 @@ def apply_update(
     r""":math:`W \leftarrow W (1 - \eta\,\mathrm{wd}) - \eta P` in place where ``ok``. Under FSDP2
     (``sharding``, a :class:`~curvkit.engine.sharding.ShardedParams`) each rank updates its
     shard with its rows of the full step."""
-    parts = [b.from_view(torch.where(ok[i], d, _zeros_like_scalar(d))) for i, (b, d) in enumerate(zip(plan.blocks, directions))]
+    parts = [b.from_view(torch.where(ok[i], d, 0.0)) for i, (b, d) in enumerate(zip(plan.blocks, directions))]
     if sharding is not None:
         local = {(i, j): sharding.local(parts[i][j], params[i][j]) for _, _, members in plan.update_sets for i, j in members}
         params = [[local[(i, j)][0] if (i, j) in local else p for j, p in enumerate(ps)] for i, ps in enumerate(params)]
