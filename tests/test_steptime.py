@@ -126,7 +126,7 @@ def test_parse_schedules():
 def _payload():
     cases = [Case("Adam", "baseline", None, "torch"), Case("KFAC", "curvkit", (1, 20), "kfac"),
              Case("KFAC", "curvkit", (10, 100), "kfac"), Case("ASDL KFAC", "peer", (1, 20), "asdl", peer_of="KFAC"),
-             Case("ASDL KFAC", "peer", (10, 100), "asdl", peer_of="KFAC"), Case("Muon", "peer", None, "torch")]
+             Case("ASDL KFAC", "peer", (10, 100), "asdl", peer_of="KFAC"), Case("torch Muon", "peer", None, "torch")]
     run = lambda ms, status="ok": {"status": status, "mean_ms": ms, "peak_mib": 1.0, "state_mib": 2.0,  # noqa: E731
                                    "warmup": 21, "steps": 20, "memory_method": "m"}
     pieces = dict(PIECE_MS)
@@ -135,13 +135,13 @@ def _payload():
         "floor": {"8": [{"status": "ok", "pieces": pieces}, {"status": "ok", "pieces": {k: 3 * v for k, v in pieces.items()}}]},
         "runs": {"Adam|8": [run(10.0), run(30.0), run(20.0)], "KFAC (1,20)|8": [run(60.0)],
                  "ASDL KFAC (1,20)|8": [run(40.0)], "KFAC (10,100)|8": [run(100.0)],
-                 "ASDL KFAC (10,100)|8": [run(25.0)], "Muon|8": [{"status": "error", "message": "boom"}]},
+                 "ASDL KFAC (10,100)|8": [run(25.0)], "torch Muon|8": [{"status": "error", "message": "boom"}]},
     }
 
 
 def test_summary_ratios_on_a_hand_made_payload():
     rows = {r["label"]: r for r in cli.summarize(_payload())}
-    adam, kfac, asdl, muon = rows["Adam"], rows["KFAC (1,20)"], rows["ASDL KFAC (1,20)"], rows["Muon"]
+    adam, kfac, asdl, muon = rows["Adam"], rows["KFAC (1,20)"], rows["ASDL KFAC (1,20)"], rows["torch Muon"]
     assert adam["ms"] == 20.0 and adam["x_adam"] == 1.0  # median over rounds
     assert kfac["x_adam"] == 3.0
     assert kfac["peer"] == "ASDL KFAC" and kfac["x_peer"] == 1.5

@@ -231,7 +231,7 @@ def discover_cases(schedules: Sequence[tuple[int, int]], *, peers: bool = True) 
         else:
             not_installed.append("heavyball (pip install heavyball)")
         if have["torch.optim.Muon"]:
-            cases.append(Case("Muon", "peer", None, "torch.optim.Muon on weight matrices + Adam on biases"))
+            cases.append(Case("torch Muon", "peer", None, "torch.optim.Muon on weight matrices + Adam on biases"))
         else:
             not_installed.append("torch.optim.Muon (torch >= 2.9)")
     return cases, notes, not_installed
@@ -303,7 +303,7 @@ def build_stepper(case: Case, model: nn.Module, x: Tensor, y: Tensor) -> Stepper
         t2 = case.schedule[1] if case.schedule else 20
         opt = heavyball.SOAP(model.parameters(), lr=3e-3, precondition_frequency=t2, use_precond_schedule=False)
         return _plain(model, [opt], x, y, note="heavyball eager (compile_mode=None)")
-    if case.name == "Muon":
+    if case.name == "torch Muon":
         mats = [p for p in model.parameters() if p.ndim == 2]
         rest = [p for p in model.parameters() if p.ndim != 2]
         return _plain(model, [torch.optim.Muon(mats, lr=0.02), torch.optim.Adam(rest, lr=1e-3)], x, y)
