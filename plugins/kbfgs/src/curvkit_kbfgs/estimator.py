@@ -343,15 +343,15 @@ class KBFGSEstimator(CurvatureEstimator):
         :math:`\\theta_{t+1}` (one closure call; none when no Linear layer recorded anything)."""
         work: list[tuple[Block, dict[str, Any], LayerMeans]] = []
         folded = self.__dict__.pop("_before", {})
-        # several micro-batch forwards in this step: use the summed means the statistics folded
+        # several micro-batch forwards in this step: the closure's forwards are summed alike
         several = recorder is not None and getattr(recorder, "forwards", 1) > 1
         accumulated = False
         for b, st in zip(blocks, states):
             if b.kind == FALLBACK_KIND or st.get("damping") is None:
                 continue
             kept = folded.get(id(st))
-            if several and kept is not None and kept[0] is st:  # the step's accumulated means
-                before, accumulated = kept[1], True
+            if kept is not None and kept[0] is st:  # the means the statistics already summed
+                before, accumulated = kept[1], several
             else:
                 before = layer_means(recorder, b, statistics_dtype(b.params[0].dtype), inputs=st["Ha"] is not None)
             if before is not None:

@@ -85,7 +85,7 @@ from curvkit.operators import EigenBasis
 
 from .estimator import KFACConfig, KFACEstimator, _is_embedding
 from .layers import LAYER_KINDS, layer_rows
-from .planning import layer_modules, plan_layers
+from .planning import plan_layers
 
 __all__ = [
     "EKFAC", "EKFACConfig", "EKFACEstimator", "EigenCorrected", "EigenCorrectedConfig", "PER_EXAMPLE_ELEMENTS",
@@ -198,12 +198,7 @@ class EKFACEstimator(KFACEstimator):
         if stats is False:
             return False
         sampled = self.config.evidence == "sampled"
-        phase = "sampled" if sampled else "minibatch"
-        calls = []
-        for module in layer_modules(block):
-            record = evidence.layer.records.get(module)  # type: ignore[union-attr]
-            if record is not None:
-                calls += [(module, a, g) for a, g in zip(record.inputs, record.grads(phase)) if g is not None]
+        calls = self._calls(block, evidence)
         if not calls:
             return False
         c = self._gradient_scale(evidence, calls[0][1])

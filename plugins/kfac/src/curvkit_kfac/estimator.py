@@ -229,12 +229,7 @@ class KFACEstimator(CurvatureEstimator):
         if A is None and G is None:  # both modes unfactored: nothing to estimate
             return None
         sampled = self.config.evidence == "sampled"
-        phase = "sampled" if sampled else "minibatch"
-        calls = []
-        for module in layer_modules(block):
-            record = evidence.layer.records.get(module)
-            if record is not None:
-                calls += [(module, a, g) for a, g in zip(record.inputs, record.grads(phase)) if g is not None]
+        calls = self._calls(block, evidence)
         if not calls:
             return False
         dtype = (A if A is not None else G).dtype
@@ -275,6 +270,17 @@ class KFACEstimator(CurvatureEstimator):
                 g_sum.addmm_(r.gradients.T, r.gradients, alpha=g_weight)
         out.update(A=a_sum, G=g_sum, examples=examples, rows=rows)
         return out
+
+    def _calls(self, block: Block, evidence: BlockEvidence) -> list[tuple[nn.Module, Tensor, Tensor]]:
+        """``(module, input, output gradient)`` of every recorded call of the block's layer(s) with a
+        gradient in this estimator's phase (every use of a tied weight)."""
+        phase = "sampled" if self.config.evidence == "sampled" else "minibatch"
+        calls = []
+        for module in layer_modules(block):
+            record = evidence.layer.records.get(module)  # type: ignore[union-attr]
+            if record is not None:
+                calls += [(module, a, g) for a, g in zip(record.inputs, record.grads(phase)) if g is not None]
+        return calls
 
     @torch.no_grad()
     def fold(self, block: Block, state: dict[str, Any], statistics: dict[str, Any], *, decay: float | None = None) -> None:
