@@ -265,6 +265,24 @@ class CurvatureEstimator(Part):
             ``None`` or ``True`` otherwise.
         """
 
+    def update_group(
+        self,
+        blocks: Sequence["Block"],
+        states: Sequence[dict[str, Any]],
+        evidence: Sequence[BlockEvidence],
+        *,
+        decay: float | None = None,
+    ) -> list[bool | None]:
+        """:meth:`update` for several blocks at once (the optimizer feeds every block due at a
+        step through one call). The default loops over :meth:`update`; an estimator that can
+        batch the work across blocks (one ``torch._foreach_*`` call for all their statistics,
+        say) overrides it with the same result.
+
+        Returns:
+            What :meth:`update` returned, per block.
+        """
+        return [self.update(b, s, e, decay=decay) for b, s, e in zip(blocks, states, evidence)]
+
     @property
     def accumulates(self) -> bool:
         """Whether the estimator implements :meth:`batch_statistics` and :meth:`fold` (its
@@ -349,8 +367,9 @@ class Preconditioner(Part):
     r"""Forms the update direction of a block from its buffer and the inverted factors.
 
     The optimizer calls :meth:`apply_group` once per group of blocks of equal view shape, dtype
-    and device; the default loops over :meth:`apply`, and a preconditioner that can batch the
-    group (one ``bmm`` over the stacked buffers, say) overrides it.
+    and device (of equal dtype and device only, for a preconditioner that declares
+    :attr:`mixed_shapes`); the default loops over :meth:`apply`, and a preconditioner that can
+    batch the group (one ``bmm`` over the stacked buffers, say) overrides it.
     """
 
     #: Per-mode entries this preconditioner can apply -- ``"matrix"`` for dense tensors,
@@ -358,6 +377,11 @@ class Preconditioner(Part):
     #: :class:`~curvkit.operators.InverseOperator`; :func:`curvkit.compose` checks the
     #: inverter's :attr:`Inverter.produces` against it when it builds.
     accepts: ClassVar[tuple[str, ...]] = ("matrix", "eigenbasis", "operator")
+
+    #: Whether :meth:`apply_group` takes blocks of different view shapes: the optimizer then
+    #: calls it once per dtype, device and kind of block instead of once per view shape (fewer
+    #: calls on models of many small layers of different sizes).
+    mixed_shapes: ClassVar[bool] = False
 
     #: Whether :meth:`apply_group` also reads each block's estimator statistics: the optimizer
     #: then passes ``statistics=[estimator state of each block]`` (EKFAC's per-coordinate
@@ -388,7 +412,8 @@ class Preconditioner(Part):
         *,
         gradients: Sequence[Tensor],
     ) -> list[Tensor]:
-        """Precondition a group of same-shape blocks; by default one :meth:`apply` per block."""
+        """Precondition a group of blocks (of one view shape unless :attr:`mixed_shapes`); by default
+        one :meth:`apply` per block."""
         return [
             self.apply(b, s, d, inv, gradient=g)
             for b, s, d, inv, g in zip(blocks, states, directions, inverses, gradients)

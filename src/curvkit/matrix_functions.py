@@ -76,11 +76,8 @@ def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
         matrix: ``(..., d, d)`` symmetric PSD matrices.
         damping: ``(...)`` damping per matrix (broadcastable).
     """
-    d = matrix.shape[-1]
-    eye = torch.eye(d, dtype=matrix.dtype, device=matrix.device)
     damping = torch.as_tensor(damping, dtype=matrix.dtype, device=matrix.device)
-    damped = symmetrize(matrix) + damping[..., None, None] * eye
-    chol, info = torch.linalg.cholesky_ex(damped)
-    inverse = torch.cholesky_inverse(chol)
-    failed = (info != 0)[..., None, None]
-    return torch.where(failed, torch.full_like(inverse, float("nan")), inverse)
+    damped = matrix + matrix.transpose(-1, -2)  # 2 (A + eps I), symmetrised; halved below
+    damped.diagonal(dim1=-2, dim2=-1).add_(damping[..., None], alpha=2.0)
+    chol, info = torch.linalg.cholesky_ex(damped.mul_(0.5))
+    return torch.cholesky_inverse(chol).masked_fill_((info != 0)[..., None, None], float("nan"))

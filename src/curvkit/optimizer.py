@@ -373,38 +373,36 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _repair_state(self, block_ids: Sequence[int]) -> tuple[list[int], bool]:
         """Restart non-finite statistics and reset non-finite momentum of ``block_ids`` (one
-        host read per device for all of them); returns the ids of the blocks repaired and
-        whether the host read anything."""
-        checks: list[tuple[int, str, Tensor]] = []
+        host read for all of them); returns the ids of the blocks repaired and whether the host
+        read anything."""
+        checks: list[tuple[int, str]] = []  # (block, what) per checked tensor
+        tensors: list[Tensor] = []
         for bi in block_ids:
             state = self._state_of(self._blocks[bi])
-            stats = [t for t in tensors_in(state["estimator"]) if t.is_floating_point()]
-            if stats and not self.estimator.heals_statistics:
-                checks.append((bi, "statistics", torch.stack([torch.isfinite(t).all() for t in stats]).all()))
-            if isinstance(state.get("momentum"), Tensor):
-                checks.append((bi, "momentum", torch.isfinite(state["momentum"]).all()))
-        if not checks:
+            if not self.estimator.heals_statistics:
+                for t in tensors_in(state["estimator"]):
+                    if t.is_floating_point() and t.numel():
+                        checks.append((bi, "statistics"))
+                        tensors.append(t)
+            momentum = state.get("momentum")
+            if isinstance(momentum, Tensor) and momentum.numel():
+                checks.append((bi, "momentum"))
+                tensors.append(momentum)
+        if not tensors:
             return [], False
-        by_device: dict[torch.device, list[int]] = defaultdict(list)
-        for i, (_, _, flag) in enumerate(checks):
-            by_device[flag.device].append(i)
-        flags = [True] * len(checks)
-        for device, idx in by_device.items():
-            for i, ok in zip(idx, torch.stack([checks[i][2] for i in idx]).tolist()):
-                flags[i] = ok
+        bad = {(bi, what) for (bi, what), ok in zip(checks, _all_finite(tensors)) if not ok}
         repaired = []
-        for (bi, what, _), ok in zip(checks, flags):
-            if ok:
-                continue
+        for bi in dict.fromkeys(bi for bi, _ in checks):
             b = self._blocks[bi]
             state = self._state_of(b)
-            if what == "statistics":
+            if (bi, "statistics") in bad:
                 state["estimator"] = self.estimator.init_state(b)
                 self._health.count(bi, "statistics_restarted")
-            else:
+            if (bi, "momentum") in bad:
                 state["momentum"].zero_()
                 self._health.count(bi, "momentum_reset")
-            repaired.append(bi)
+            if (bi, "statistics") in bad or (bi, "momentum") in bad:
+                repaired.append(bi)
         return repaired, True
 
     # ------------------------------------------------------------------ evidence
@@ -813,6 +811,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._used_grads = {}
             self._collector.due_blocks = weakref.WeakMethod(self._due_blocks)
             self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
+
+
+def _all_finite(tensors: Sequence[Tensor]) -> list[bool]:
+    """Whether every entry of each tensor is finite: one fused 2-norm per dtype and device and
+    one host read; a tensor whose norm is not finite (a NaN or inf, or merely entries beyond
+    ~1e19 whose squares overflow) is confirmed entry by entry."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        buckets[(t.dtype, t.device)].append(i)
+    flags = [True] * len(tensors)
+    for idx in buckets.values():
+        norms = torch._foreach_norm([tensors[i] for i in idx])
+        for i, ok in zip(idx, torch.isfinite(torch.stack(norms)).tolist()):
+            flags[i] = ok or bool(torch.isfinite(tensors[i]).all())
+    return flags
 
 
 def _check_compile_update(compile_update: Any, nonfinite: str, preconditioner: Preconditioner) -> None:

@@ -10,7 +10,7 @@ inverse. A warm-started inverter (``Inverter.warm_start``) gets the previous eig
 batched call and in the one-by-one retry; the float64 and extra-damping retries start cold. Every
 fallback is counted in the block's health counters and warned about the first
 time. The finiteness checks read one flag per factor on the host: inversion steps synchronise
-(once per batch), ordinary steps do not.
+(once per device for all batches, unless a fallback runs), ordinary steps do not.
 """
 
 from __future__ import annotations
@@ -68,23 +68,41 @@ class InversionRequest:
 
 
 def _finite_rows(batch: Tensor) -> list[bool]:
-    return torch.isfinite(batch).flatten(1).all(dim=1).tolist()
+    return _row_flags(batch).tolist()
+
+
+def _row_flags(batch: Tensor) -> Tensor:
+    """One bool per leading row: every entry finite (on the device, no host read)."""
+    return torch.isfinite(batch).flatten(1).all(dim=1)
+
+
+def _call(inverter: Inverter, matrices: Tensor, damping: Tensor, order: Tensor, previous: Tensor | None = None) -> Any:
+    """The inverter's result on a batch, or ``None`` if it raised."""
+    try:
+        if previous is not None:  # a warm-started inverter (Inverter.warm_start)
+            return inverter.invert(matrices, damping=damping, order=order, previous=previous)  # type: ignore[call-arg]
+        return inverter.invert(matrices, damping=damping, order=order)
+    except (RuntimeError, torch.linalg.LinAlgError):
+        return None
+
+
+def _output_flags(out: Any) -> Tensor:
+    if isinstance(out, tuple):  # an eigenbasis inverter: (vectors, values)
+        return _row_flags(out[0]) & _row_flags(out[1])
+    return _row_flags(out)
+
+
+def _rows(out: Any) -> Sequence[Any]:
+    return list(zip(out[0], out[1])) if isinstance(out, tuple) else out
 
 
 def _invert_batch(inverter: Inverter, matrices: Tensor, damping: Tensor, order: Tensor,
                   previous: Tensor | None = None) -> tuple[Any, list[bool]] | None:
     """Run the inverter on a batch; ``(results, finite per row)`` or ``None`` if it raised."""
-    try:
-        if previous is not None:  # a warm-started inverter (Inverter.warm_start)
-            out = inverter.invert(matrices, damping=damping, order=order, previous=previous)  # type: ignore[call-arg]
-        else:
-            out = inverter.invert(matrices, damping=damping, order=order)
-    except (RuntimeError, torch.linalg.LinAlgError):
+    out = _call(inverter, matrices, damping, order, previous)
+    if out is None:
         return None
-    if isinstance(out, tuple):  # an eigenbasis inverter: (vectors, values)
-        ok = [a and b for a, b in zip(_finite_rows(out[0]), _finite_rows(out[1]))]
-        return list(zip(out[0], out[1])), ok
-    return out, _finite_rows(out)
+    return _rows(out), _output_flags(out).tolist()
 
 
 def _invert_one(inverter: Inverter, matrix: Tensor, damping: Tensor, order: int,
@@ -101,12 +119,24 @@ def _invert_one(inverter: Inverter, matrix: Tensor, damping: Tensor, order: int,
     return result[0][0]
 
 
+def _dampings(reqs: Sequence[InversionRequest], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The damping of each request as one ``(b,)`` tensor (Python numbers in one transfer)."""
+    values = [r.factor.damping for r in reqs]
+    if all(not isinstance(v, Tensor) for v in values):
+        return torch.tensor([float(v) for v in values], dtype=dtype, device=device)
+    return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(()) for v in values])
+
+
 def invert_all(
     inverter: Inverter,
     requests: Sequence[InversionRequest],
     health: Any,
 ) -> dict[tuple[int, int], Any]:
     """Invert every requested factor, batching factors of equal size, dtype and device.
+
+    Every batch runs first; then one host read per device gives the finiteness of every result.
+    Only when a result is not finite are that batch's inputs checked, to tell bad statistics
+    (kept last inverse) from a failed decomposition (retried).
 
     Args:
         inverter: the inverter part.
@@ -117,21 +147,39 @@ def invert_all(
         ``{(block, mode): inverse}``; an inverse is a tensor, a ``(vectors, values)`` pair for
         eigenbasis inverters, the previous inverse, or ``None`` (identity on that mode).
     """
+    from .engine.health import index_tensor
+
     groups: dict[tuple[Any, ...], list[InversionRequest]] = defaultdict(list)
     for req in requests:
         m = req.factor.matrix
         groups[(m.shape[-1], m.dtype, m.device, _warm(inverter, req) is not None)].append(req)
-    results: dict[tuple[int, int], Any] = {}
+    batches = []
     for (_, dtype, device, warm), reqs in groups.items():
         previous = torch.stack([_warm(inverter, r).to(dtype) for r in reqs]) if warm else None  # type: ignore[union-attr]
         matrices = torch.stack([r.factor.matrix for r in reqs])
-        damping = torch.stack(
-            [torch.as_tensor(r.factor.damping, dtype=dtype, device=device).reshape(()) for r in reqs]
-        )
-        order = torch.tensor([r.order for r in reqs], device=device)
+        damping = _dampings(reqs, dtype, device)
+        order = index_tensor([r.order for r in reqs], device)
+        out = _call(inverter, matrices, damping, order, previous)
+        batches.append((reqs, matrices, damping, previous, out, None if out is None else _output_flags(out)))
+    flags: dict[int, list[bool]] = {}  # one host read per device for every batch's flags
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for n, batch in enumerate(batches):
+        if batch[5] is not None:
+            by_device[batch[5].device].append(n)
+    for idx in by_device.values():
+        values = torch.cat([batches[n][5] for n in idx]).tolist()
+        for n in idx:
+            k = len(batches[n][0])
+            flags[n], values = values[:k], values[k:]
+    results: dict[tuple[int, int], Any] = {}
+    for n, (reqs, matrices, damping, previous, out, _) in enumerate(batches):
+        ok = flags.get(n)
+        if ok is not None and all(ok):
+            for req, row in zip(reqs, _rows(out)):
+                results[req.key] = row
+            continue
         input_ok = _finite_rows(torch.cat([matrices.flatten(1), damping[:, None]], dim=1))
-        batch = _invert_batch(inverter, matrices, damping, order, previous) if all(input_ok) else None
-        if batch is None:  # raised (or bad inputs): one by one in the working dtype, no float64 yet
+        if out is None:  # raised: one by one in the working dtype, no float64 yet
             outs = [
                 _invert_one(inverter, r.factor.matrix, damping[i], r.order, None if previous is None else previous[i])
                 if input_ok[i] else None
@@ -139,7 +187,7 @@ def invert_all(
             ]
             ok = [o is not None for o in outs]
         else:
-            outs, ok = batch
+            outs = _rows(out)
         for i, req in enumerate(reqs):
             if ok[i] and input_ok[i]:
                 results[req.key] = outs[i]

@@ -435,7 +435,7 @@ class EvidenceCollector:
         blocks = [self.blocks[bi] for bi in block_ids]
         evid = [[grads_by_param.get(id(p)) for p in b.params] for b in blocks]
         present = [(i, g) for i, gl in enumerate(evid) for g in gl if g is not None]
-        valid: list[Tensor | None] = [None] * len(blocks)
+        valid: Sequence[Tensor | None] = [None] * len(blocks)
         if present:
             flags = finite_flags([g for _, g in present])
             if self.nonfinite == "raise":
@@ -445,29 +445,37 @@ class EvidenceCollector:
                         raise FloatingPointError(
                             f"non-finite curvature evidence for block {blocks[i].name!r} at step {self.run.step}"
                         )
-            per_block: dict[int, Tensor] = {}
-            for j, (i, _) in enumerate(present):
-                per_block[i] = flags[j] if i not in per_block else per_block[i] & flags[j]
-            ids = sorted(per_block)
-            ok = torch.stack([per_block[i] for i in ids])
+            owners = [i for i, _ in present]
+            if len(set(owners)) == len(owners):  # one tensor per block (the common case): no combining
+                ok, ids = flags, owners
+            else:
+                per_block: dict[int, Tensor] = {}
+                for j, i in enumerate(owners):
+                    per_block[i] = flags[j] if i not in per_block else per_block[i] & flags[j]
+                ids = sorted(per_block)
+                ok = torch.stack([per_block[i] for i in ids])
             self.health.count_device(
                 "skipped_nonfinite_evidence", index_tensor([block_ids[i] for i in ids], ok.device), ~ok
             )
-            for i in ids:
-                valid[i] = per_block[i]
-                evid[i] = [None if g is None else torch.where(per_block[i], g, 0.0) for g in evid[i]]
+            valid = [None] * len(blocks)
+            for i, v in zip(ids, ok.unbind(0)):
+                valid[i] = v
+                evid[i] = [None if g is None else torch.where(v, g, 0.0) for g in evid[i]]
         layer = self.recorder
         with _no_autocast(blocks):
-            for bi, b, gl, v in zip(block_ids, blocks, evid, valid):
-                if not self.spec.layer_io and all(g is None for g in gl):
-                    continue
-                result = self.estimator.update(
-                    b, self.states(b), BlockEvidence(gradients=gl, layer=layer, batch_size=batch_size, valid=v), decay=decay
-                )
+            fed = [
+                (bi, b, BlockEvidence(gradients=gl, layer=layer, batch_size=batch_size, valid=v))
+                for bi, b, gl, v in zip(block_ids, blocks, evid, valid)
+                if self.spec.layer_io or any(g is not None for g in gl)
+            ]
+            results = self.estimator.update_group(
+                [f[1] for f in fed], [self.states(f[1]) for f in fed], [f[2] for f in fed], decay=decay
+            )
+            for (bi, b, _), result in zip(fed, results):
                 if result is False:
                     self._missing(bi, b)
-                else:
-                    self.run.ever_had_stats = True
+            if fed and any(r is not False for r in results):
+                self.run.ever_had_stats = True
         if not averaged:
             self._average_states(block_ids)
 

@@ -6,7 +6,8 @@ For every block with a gradient, with :math:`g` its gradient in the block's view
 2. momentum :math:`M \leftarrow \mu M + (1 - d)\,g` where ``ok_g`` (unchanged otherwise), by
    ``torch._foreach_*`` over all blocks;
 3. direction :math:`P` from the preconditioner, one ``apply_group`` call per group of blocks of
-   equal view shape, dtype and device;
+   equal view shape, dtype and device (of equal dtype and device, for a preconditioner that
+   declares ``mixed_shapes``);
 4. ``ok = ok_g`` and every entry of :math:`P` finite;
 5. :math:`W \leftarrow W (1 - \eta\,\mathrm{wd}) - \eta P` where ``ok`` (each parameter with its own
    param group's :math:`\eta` and wd), by ``torch._foreach_*``.
@@ -93,7 +94,8 @@ class UpdatePlan:
             blocks with momentum; the index tensor selects their ``ok_g`` flags.
         plain: ``(block position, slot)`` of the blocks without momentum.
         shape_groups: block positions of each group of equal view shape, dtype, device and kind
-            (one ``apply_group`` call each).
+            (one ``apply_group`` call each; the view shape is left out for a preconditioner that
+            declares :attr:`~curvkit.Preconditioner.mixed_shapes`).
         update_sets: ``(slot, decays, ((block position, parameter index), ...))`` per (param
             group, device, parameter dtype): the parameters with a gradient.
     """
@@ -112,12 +114,14 @@ class UpdatePlan:
 def gradient_views(plan: UpdatePlan, params: Sequence[Sequence[Tensor]], grads: Sequence[Sequence[Tensor | None]]) -> tuple[Tensor, list[Tensor]]:
     """``(ok_g, safe)``: the finiteness flag of each block's gradient view, and the view in the
     working dtype with non-finite views replaced by zeros."""
-    views = [
-        b.to_view([torch.zeros_like(p) if g is None else g for p, g in zip(ps, gs)]).to(w)
-        for b, ps, gs, w in zip(plan.blocks, params, grads, plan.work)
-    ]
+    views = []
+    for b, ps, gs, w in zip(plan.blocks, params, grads, plan.work):
+        if any(g is None for g in gs):
+            gs = [torch.zeros_like(p) if g is None else g for p, g in zip(ps, gs)]
+        v = b.to_view(gs)
+        views.append(v if v.dtype == w else v.to(w))
     ok_g = _finite(views)
-    return ok_g, [torch.where(ok_g[i], g, 0.0) for i, g in enumerate(views)]
+    return ok_g, [torch.where(ok, g, 0.0) for ok, g in zip(ok_g.unbind(0), views)]
 
 
 def momentum_buffers(
@@ -182,7 +186,8 @@ def apply_update(
     r""":math:`W \leftarrow W (1 - \eta\,\mathrm{wd}) - \eta P` in place where ``ok``. Under FSDP2
     (``sharding``, a :class:`~curvkit.engine.sharding.ShardedParams`) each rank updates its
     shard with its rows of the full step."""
-    parts = [b.from_view(torch.where(ok[i], d, 0.0)) for i, (b, d) in enumerate(zip(plan.blocks, directions))]
+    oks = ok.unbind(0)
+    parts = [b.from_view(torch.where(o, d, 0.0)) for o, b, d in zip(oks, plan.blocks, directions)]
     if sharding is not None:
         local = {(i, j): sharding.local(parts[i][j], params[i][j]) for _, _, members in plan.update_sets for i, j in members}
         params = [[local[(i, j)][0] if (i, j) in local else p for j, p in enumerate(ps)] for i, ps in enumerate(params)]
@@ -192,13 +197,13 @@ def apply_update(
         ps = [params[i][j] for i, j in members]
         dtype = ps[0].dtype
         if decays:
-            oks = torch.stack([ok[i] for i, _ in members])
+            flags = torch.stack([oks[i] for i, _ in members])
             if isinstance(lr, Tensor) or isinstance(wd, Tensor):
-                scale = torch.where(oks, (1.0 - lr * wd).to(dtype), torch.ones((), dtype=dtype, device=oks.device))
+                scale = torch.where(flags, (1.0 - lr * wd).to(dtype), torch.ones((), dtype=dtype, device=flags.device))
             else:
-                scale = _where_scalar(oks, 1.0 - lr * wd, 1.0, dtype)
+                scale = _where_scalar(flags, 1.0 - lr * wd, 1.0, dtype)
             torch._foreach_mul_(ps, list(scale.unbind(0)))
-        steps = [parts[i][j].to(dtype) for i, j in members]
+        steps = [parts[i][j] if parts[i][j].dtype == dtype else parts[i][j].to(dtype) for i, j in members]
         if isinstance(lr, Tensor):
             torch._foreach_add_(ps, torch._foreach_mul(steps, -lr))
         else:
@@ -303,7 +308,9 @@ class UpdateRule:
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[key] = _build_plan(blocks, schedule_group, group_of, list(groups))
+            plan = self._plans[key] = _build_plan(
+                blocks, schedule_group, group_of, list(groups), mixed_shapes=self.preconditioner.mixed_shapes
+            )
         for b, state, sg in zip(blocks, states, schedule_group):
             if sg["momentum"] != 0 and state.get("momentum") is None:
                 ref = b.params[0]
@@ -403,6 +410,8 @@ def _build_plan(
     schedule_group: Sequence[dict[str, Any]],
     group_of: Callable[[Tensor], dict[str, Any]],
     group_ids: Sequence[int],
+    *,
+    mixed_shapes: bool = False,
 ) -> UpdatePlan:
     position = {gid: i for i, gid in enumerate(group_ids)}
     slots: dict[tuple[int, torch.device], int] = {}
@@ -424,7 +433,7 @@ def _build_plan(
             plain.append((i, slot))
         else:
             momentum[(slot, w)].append(i)
-        shapes[(b.shape, w, device, b.kind)].append(i)
+        shapes[(None if mixed_shapes else b.shape, w, device, b.kind)].append(i)
         for j, p in enumerate(b.params):
             if p.grad is None:
                 continue

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -182,6 +182,62 @@ class TensorNormal(CurvatureEstimator):
                 if s is not None:
                     s.copy_(f.matrix)
         state["updates"] += 1
+
+    def update_group(
+        self,
+        blocks: Sequence[Block],
+        states: Sequence[dict[str, Any]],
+        evidence: Sequence[BlockEvidence],
+        *,
+        decay: float | None = None,
+    ) -> list[bool | None]:
+        """:meth:`update` for several blocks: the same statistics, with every block's EMA
+        (:math:`S \leftarrow S + w (\hat S - S)`, its trace included) in one
+        ``torch._foreach_lerp_`` per dtype and device and every trace from one
+        ``torch._foreach_norm``. A subclass that overrides :meth:`update` gets its own
+        :meth:`update` per block."""
+        if self.config.estimate == "kl" or len(blocks) < 2 or type(self).update is not TensorNormal.update:
+            # a subclass that overrides update() keeps its own rule for every block
+            return super().update_group(blocks, states, evidence, decay=decay)
+        buckets: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, dict[str, Any], float, Tensor | None]]] = {}
+        for block, state, ev in zip(blocks, states, evidence):
+            grads = ev.gradients
+            if all(g is None for g in grads):
+                continue
+            trace = state["trace"]
+            if any(g is None for g in grads):
+                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, block.params)]
+            g = block.to_view(grads)
+            if g.dtype != trace.dtype:
+                g = g.to(trace.dtype)
+            d = decay if decay is not None else (0.0 if state["updates"] == 0 else self.config.stat_decay)
+            buckets.setdefault((trace.dtype, trace.device), []).append((g, state, 1.0 - d, ev.valid))
+            state["updates"] += 1
+        for (dtype, device), members in buckets.items():
+            views = [m[0] for m in members]
+            targets: list[Tensor] = [m[1]["trace"] for m in members]
+            norms = torch._foreach_norm(views)
+            news: list[Tensor] = list(torch._foreach_mul(norms, norms))  # ||G||^2, the new trace
+            owner = list(range(len(members)))  # the member each statistic belongs to
+            for j, (g, state, _, _) in enumerate(members):
+                for i, stat in enumerate(state["grams"]):
+                    if stat is not None:
+                        targets.append(stat)
+                        news.append(mode_gram(g, i))
+                        owner.append(j)
+            if all(m[3] is None for m in members):
+                torch._foreach_lerp_(targets, news, [members[j][2] for j in owner])
+                continue
+            # invalid evidence (zeros) takes weight 0: its statistics stay exactly as they were
+            true = torch.ones((), dtype=torch.bool, device=device)
+            valid = torch.stack([true if m[3] is None else m[3] for m in members]).to(dtype)
+            rates = {m[2] for m in members}
+            if len(rates) == 1:
+                takes = (valid * rates.pop()).unbind(0)
+            else:
+                takes = (valid * torch.tensor([m[2] for m in members], dtype=dtype, device=device)).unbind(0)
+            torch._foreach_lerp_(targets, news, [takes[j] for j in owner])
+        return [None] * len(blocks)
 
     def factors(self, block: Block, state: dict[str, Any], *, damping: float) -> list[Factor | None] | None:
         if state["updates"] == 0:

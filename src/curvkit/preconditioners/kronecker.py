@@ -34,6 +34,7 @@ class KroneckerMode(Preconditioner):
 
     Config = KroneckerModeConfig
     traceable = True
+    mixed_shapes = True
 
     def describe(self, block: Block) -> str:
         """What the block gets (``"Kronecker 2 modes: 64x64, 33x33"``)."""
@@ -64,33 +65,47 @@ class KroneckerMode(Preconditioner):
         *,
         gradients: Sequence[Tensor],
     ) -> list[Tensor]:
-        """Same-shape blocks of order 1 or 2 whose inverses are dense matrices go through one
-        batched ``matmul`` (:math:`V_1 M V_2^\top` for the whole group); the rest one by one."""
+        """Blocks of order 1 or 2 whose inverses are dense matrices take the plain matrix
+        products (:math:`V_1 M V_2^\top`); several of one view shape go through one batched
+        ``matmul``; the rest (eigenbases, operators, higher orders) one by one."""
         out: list[Tensor | None] = [None] * len(blocks)
         batches: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, (d, inv) in enumerate(zip(directions, inverses)):
-            dense = inv is not None and all(v is None or isinstance(v, Tensor) for v in inv)
-            if dense and d.dim() in (1, 2) and len(blocks) > 1:
-                pattern = tuple(v is None for v in inv)
-                batches[pattern].append(i)
+            if inv is None:
+                out[i] = d
+            elif d.dim() in (1, 2) and len(inv) == d.dim() and all(v is None or isinstance(v, Tensor) for v in inv):
+                batches[(tuple(d.shape), tuple(v is None for v in inv))].append(i)
             else:
                 out[i] = self.apply(blocks[i], states[i], d, inv, gradient=gradients[i])
-        for pattern, idx in batches.items():
+        for (_, pattern), idx in batches.items():
             if len(idx) == 1 or all(pattern):
                 for i in idx:
-                    out[i] = self.apply(blocks[i], states[i], directions[i], inverses[i], gradient=gradients[i])
+                    out[i] = _dense_modes(directions[i], inverses[i])  # type: ignore[arg-type]
                 continue
             dtype = directions[idx[0]].dtype
             m = torch.stack([directions[i] for i in idx])
             if m.dim() == 2:  # vectors: one factor
-                v = torch.stack([inverses[i][0].to(dtype) for i in idx])
+                v = torch.stack([inverses[i][0].to(dtype) for i in idx])  # type: ignore[index]
                 res = torch.bmm(v, m.unsqueeze(-1)).squeeze(-1)
             else:
                 res = m
                 if not pattern[0]:
-                    res = torch.bmm(torch.stack([inverses[i][0].to(dtype) for i in idx]), res)
+                    res = torch.bmm(torch.stack([inverses[i][0].to(dtype) for i in idx]), res)  # type: ignore[index]
                 if not pattern[1]:
-                    res = torch.bmm(res, torch.stack([inverses[i][1].to(dtype) for i in idx]).transpose(-1, -2))
+                    res = torch.bmm(res, torch.stack([inverses[i][1].to(dtype) for i in idx]).transpose(-1, -2))  # type: ignore[index]
             for i, r in zip(idx, res.unbind(0)):
                 out[i] = r
         return out  # type: ignore[return-value]
+
+
+def _dense_modes(direction: Tensor, inverses: Sequence[Tensor | None]) -> Tensor:
+    """:math:`V_1 M V_2^\top` (or :math:`V_1 m`) for one block of order 1 or 2."""
+    dtype = direction.dtype
+    first = inverses[0]
+    out = direction
+    if first is not None:
+        out = (first if first.dtype == dtype else first.to(dtype)) @ out
+    if direction.dim() == 2 and inverses[1] is not None:
+        second = inverses[1]
+        out = out @ (second if second.dtype == dtype else second.to(dtype)).T
+    return out
