@@ -129,10 +129,24 @@ def interleave(jobs: Sequence[Any], rounds: int) -> list[tuple[int, Any]]:
     return order
 
 
+#: glibc ``malloc`` settings of every worker (unless already set in the environment): a fresh
+#: process otherwise maps and unmaps, and page-faults in, every large tensor of every step until
+#: its allocator adapts, which cost every method 20-45 % on the MNIST autoencoder at batch 128
+#: (Adam included) against the same steps in a long-running training process. These keep large
+#: blocks on the heap, as a long run settles to; they are the same for every case and the floor.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TOP_PAD_": str(64 * 2**20),
+}
+
+
 def _run_subprocess(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ)
     threads = str(job["threads"])
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    for key, value in MALLOC_ENV.items():
+        env.setdefault(key, value)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH", "")]))
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.steptime.worker"], input=json.dumps(job),

@@ -6,9 +6,11 @@ Jobs are ``{"kind": "case", "case": {...}, ...}`` (time the steps of one method)
 ``"status": "error"`` with the message and traceback; the parent keeps going.
 
 Peak memory of a case: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory allocated
-before the optimizer was built; on CPU the peak increase of resident memory over the same span,
-sampled from ``/proc/self/statm`` (:class:`benchmarks.memory.PeakRSS`). Both include the
-activations and gradients of the steps, which every method has.
+before the optimizer was built; on CPU the peak increase of resident memory while the optimizer
+is built and over the warm-up steps (which hold every kind of step: statistics, inversions),
+sampled from ``/proc/self/statm`` by a thread (:class:`benchmarks.memory.PeakRSS`) that is
+stopped before the timed steps, so that it takes no CPU from torch's threads while they are
+timed. Both include the activations and gradients of the steps, which every method has.
 """
 
 from __future__ import annotations
@@ -77,17 +79,23 @@ def measure_case(job: dict[str, Any]) -> dict[str, Any]:
     _prewarm(case, model, x, y)
     meter = PeakRSS()
     times: list[float] = []
-    with meter:
-        stepper = build_stepper(case, model, x, y)
-        loss = None
-        for _ in range(warmup + steps):
+    loss = None
+
+    def run(count: int) -> None:
+        nonlocal loss
+        for _ in range(count):
             _sync(device)
             start = time.perf_counter()
             loss = stepper.step()
             _sync(device)
             times.append((time.perf_counter() - start) * 1e3)
-        final = float(loss) if loss is not None else float("nan")
-        state = stepper.state_bytes()
+
+    with meter:  # memory is sampled while the optimizer is built and over the warm-up steps only
+        stepper = build_stepper(case, model, x, y)
+        run(warmup)
+    run(steps)  # timed without the sampling thread, which would take CPU from torch's threads
+    final = float(loss) if loss is not None else float("nan")
+    state = stepper.state_bytes()
     measured = times[warmup:]
     mean = sum(measured) / len(measured)
     peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else meter.peak_bytes

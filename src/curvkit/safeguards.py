@@ -76,6 +76,13 @@ def _row_flags(batch: Tensor) -> Tensor:
     return torch.isfinite(batch).flatten(1).all(dim=1)
 
 
+def _row_sums_finite(batch: Tensor) -> Tensor:
+    """One bool per leading row: its sum is finite, a fast test (one read, no temporaries) that
+    implies every entry is finite; ``False`` may also mean a finite row whose sum overflowed,
+    so a ``False`` is confirmed by :func:`_row_flags`."""
+    return batch.flatten(1).sum(dim=1).isfinite()
+
+
 def _call(inverter: Inverter, matrices: Tensor, damping: Tensor, order: Tensor, previous: Tensor | None = None) -> Any:
     """The inverter's result on a batch, or ``None`` if it raised."""
     try:
@@ -86,10 +93,11 @@ def _call(inverter: Inverter, matrices: Tensor, damping: Tensor, order: Tensor, 
         return None
 
 
-def _output_flags(out: Any) -> Tensor:
+def _output_flags(out: Any, *, exact: bool = True) -> Tensor:
+    rows = _row_flags if exact else _row_sums_finite
     if isinstance(out, tuple):  # an eigenbasis inverter: (vectors, values)
-        return _row_flags(out[0]) & _row_flags(out[1])
-    return _row_flags(out)
+        return rows(out[0]) & rows(out[1])
+    return rows(out)
 
 
 def _rows(out: Any) -> Sequence[Any]:
@@ -156,11 +164,11 @@ def invert_all(
     batches = []
     for (_, dtype, device, warm), reqs in groups.items():
         previous = torch.stack([_warm(inverter, r).to(dtype) for r in reqs]) if warm else None  # type: ignore[union-attr]
-        matrices = torch.stack([r.factor.matrix for r in reqs])
+        matrices = reqs[0].factor.matrix.unsqueeze(0) if len(reqs) == 1 else torch.stack([r.factor.matrix for r in reqs])
         damping = _dampings(reqs, dtype, device)
         order = index_tensor([r.order for r in reqs], device)
         out = _call(inverter, matrices, damping, order, previous)
-        batches.append((reqs, matrices, damping, previous, out, None if out is None else _output_flags(out)))
+        batches.append((reqs, matrices, damping, previous, out, None if out is None else _output_flags(out, exact=False)))
     flags: dict[int, list[bool]] = {}  # one host read per device for every batch's flags
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for n, batch in enumerate(batches):
@@ -174,6 +182,8 @@ def invert_all(
     results: dict[tuple[int, int], Any] = {}
     for n, (reqs, matrices, damping, previous, out, _) in enumerate(batches):
         ok = flags.get(n)
+        if ok is not None and not all(ok):  # a row sum that is not finite: check its entries
+            ok = _output_flags(out).tolist()
         if ok is not None and all(ok):
             for req, row in zip(reqs, _rows(out)):
                 results[req.key] = row

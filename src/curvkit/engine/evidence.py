@@ -458,9 +458,13 @@ class EvidenceCollector:
                 "skipped_nonfinite_evidence", index_tensor([block_ids[i] for i in ids], ok.device), ~ok
             )
             valid = [None] * len(blocks)
+            zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+            for _, g in present:
+                if (g.dtype, g.device) not in zeros:
+                    zeros[(g.dtype, g.device)] = torch.zeros((), dtype=g.dtype, device=g.device)
             for i, v in zip(ids, ok.unbind(0)):
                 valid[i] = v
-                evid[i] = [None if g is None else torch.where(v, g, 0.0) for g in evid[i]]
+                evid[i] = [None if g is None else torch.where(v, g, zeros[(g.dtype, g.device)]) for g in evid[i]]
         layer = self.recorder
         with _no_autocast(blocks):
             fed = [

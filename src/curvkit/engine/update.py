@@ -60,6 +60,12 @@ def _where_one(mask: Tensor, yes: Any, dtype: torch.dtype) -> Tensor:
     return _where_scalar(mask, yes, 1.0, dtype)
 
 
+def _zeros_like_scalars(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device], Tensor]:
+    """One 0-d zero per dtype and device of ``tensors``, shared by the masks of a phase:
+    ``torch.where(ok, x, 0.0)`` would build a scalar tensor per call."""
+    return {key: torch.zeros((), dtype=key[0], device=key[1]) for key in {(t.dtype, t.device) for t in tensors}}
+
+
 def _finite(tensors: Sequence[Tensor]) -> Tensor:
     """One bool per tensor, ``True`` where every entry is finite: one fused ``_foreach_norm`` per
     dtype and device (the values of :func:`curvkit.engine.evidence.finite_flags`, in a form
@@ -121,7 +127,8 @@ def gradient_views(plan: UpdatePlan, params: Sequence[Sequence[Tensor]], grads: 
         v = b.to_view(gs)
         views.append(v if v.dtype == w else v.to(w))
     ok_g = _finite(views)
-    return ok_g, [torch.where(ok, g, 0.0) for ok, g in zip(ok_g.unbind(0), views)]
+    zero = _zeros_like_scalars(views)
+    return ok_g, [torch.where(ok, g, zero[(g.dtype, g.device)]) for ok, g in zip(ok_g.unbind(0), views)]
 
 
 def momentum_buffers(
@@ -187,7 +194,8 @@ def apply_update(
     (``sharding``, a :class:`~curvkit.engine.sharding.ShardedParams`) each rank updates its
     shard with its rows of the full step."""
     oks = ok.unbind(0)
-    parts = [b.from_view(torch.where(o, d, 0.0)) for o, b, d in zip(oks, plan.blocks, directions)]
+    zero = _zeros_like_scalars(directions)
+    parts = [b.from_view(torch.where(o, d, zero[(d.dtype, d.device)])) for o, b, d in zip(oks, plan.blocks, directions)]
     if sharding is not None:
         local = {(i, j): sharding.local(parts[i][j], params[i][j]) for _, _, members in plan.update_sets for i, j in members}
         params = [[local[(i, j)][0] if (i, j) in local else p for j, p in enumerate(ps)] for i, ps in enumerate(params)]
