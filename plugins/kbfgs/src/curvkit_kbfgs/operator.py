@@ -10,9 +10,11 @@ With the valid pairs as rows of :math:`S, Y \in \mathbb{R}^{k \times d}` (oldest
     C = \begin{pmatrix} D + Y Y^\top & -I \\ -I & 0 \end{pmatrix}, \qquad Z = R^{-1} S ,
 
 :math:`R` the upper triangle of :math:`S Y^\top` and :math:`D` its diagonal. :class:`LBFGSOperator`
-builds :math:`W` and :math:`C` once (:math:`O(k^2 d)`) and applies :math:`H` to the ``(d, n)``
-unfolding of a tensor with two matrix products, :math:`V + W^\top (C (W V))`
-(:math:`4 k d n` flops, against :math:`d^2 n` for a dense :math:`H` and
+builds :math:`W` and :math:`M = D + Y Y^\top` (the one block of :math:`C` that is not fixed)
+once (:math:`O(k^2 d)`) and applies :math:`H` to the ``(d, n)``
+unfolding of a tensor as :math:`V + W^\top (C (W V))`, using the block structure of :math:`C`:
+with :math:`(a; b) = W V`, :math:`H V = V + Z^\top (M a - b) - Y^\top a`, :math:`M = D + Y Y^\top`
+(:math:`4 k d n + k^2 n` flops, against :math:`d^2 n` for a dense :math:`H` and
 :math:`O(k d^2)` more to form it). It equals the two-loop recursion
 (:func:`~curvkit_kbfgs.bfgs.lbfgs_apply`) applied to every column; the recursion's :math:`2k`
 sequential rank-one passes over the ``(d, n)`` matrix are memory-bound, so the compact form is the
@@ -54,16 +56,18 @@ class LBFGSOperator(InverseOperator):
             self._w, self._c = None, None
             return
         mask = valid[:, None]
-        s = torch.where(mask, s_rows, torch.zeros_like(s_rows))
-        y = torch.where(mask, y_rows, torch.zeros_like(y_rows))
+        s = torch.where(mask, s_rows, 0.0)
+        y = torch.where(mask, y_rows, 0.0)
         sy = s @ y.T
-        eye = torch.eye(k, dtype=s.dtype, device=s.device)
-        r = torch.triu(sy) + torch.diag((~valid).to(s.dtype))
+        r = torch.triu(sy)
+        r.diagonal().add_((~valid).to(s.dtype))
         z = torch.linalg.solve_triangular(r, s, upper=True)
-        top = torch.cat([torch.diag(torch.diagonal(sy)) + y @ y.T, -eye], dim=1)
-        bottom = torch.cat([-eye, torch.zeros_like(eye)], dim=1)
+        middle = torch.mm(y, y.T)
+        middle.diagonal().add_(sy.diagonal())
         self._w = torch.cat([z, y])  # (2k, d)
-        self._c = torch.cat([top, bottom])  # (2k, 2k)
+        # M = D + Y Y^T, the one block of C = [[M, -I], [-I, 0]] that is not fixed (saved
+        # operators of earlier versions hold the whole (2k, 2k) C: matmul reads its top-left block)
+        self._c = middle
 
     @property
     def size(self) -> int:
@@ -78,9 +82,18 @@ class LBFGSOperator(InverseOperator):
         """``H @ matrix`` for ``matrix`` of shape ``(d, n)`` or ``(d,)``."""
         if self._w is None:
             return matrix.clone()
-        w = self._w.to(matrix.dtype)
-        c = self._c.to(matrix.dtype)
-        return matrix + w.T @ (c @ (w @ matrix))
+        w = self._w if self._w.dtype == matrix.dtype else self._w.to(matrix.dtype)
+        k = w.shape[0] // 2
+        middle = self._c[:k, :k]
+        if middle.dtype != matrix.dtype or not middle.is_contiguous():
+            middle = middle.to(matrix.dtype, memory_format=torch.contiguous_format)
+        # C = [[M, -I], [-I, 0]]: with (a; b) = W V, C (a; b) = (M a - b; -a), a k x k product
+        # instead of the 2k x 2k one
+        zy = w @ matrix
+        a, b = zy[:k], zy[k:]
+        if matrix.dim() == 1:
+            return torch.addmv(matrix, w.T, torch.cat([middle @ a - b, -a]))
+        return torch.addmm(matrix, w.T, torch.cat([middle @ a - b, -a]))
 
     def to(self, dtype: torch.dtype) -> "LBFGSOperator":
         """The operator with its data in ``dtype`` (itself when it already is)."""
