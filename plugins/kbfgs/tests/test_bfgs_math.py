@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvkit_kbfgs.bfgs import accept_pair, bfgs_inverse_update, double_damping, lbfgs_apply, lbfgs_matrix
+from curvkit_kbfgs.bfgs import (
+    accept_pair,
+    bfgs_inverse_update,
+    bfgs_inverse_update_where,
+    double_damping,
+    lbfgs_apply,
+    lbfgs_matrix,
+    restart_where,
+)
 
 D = torch.float64
 
@@ -43,6 +51,32 @@ def test_bfgs_update_is_the_product_form_and_satisfies_the_secant_equation(seed)
     torch.testing.assert_close(new @ y[0], s[0], rtol=1e-10, atol=1e-12)  # H+ y = s
     assert torch.equal(new, new.T)
     assert float(torch.linalg.eigvalsh(new).min()) > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_masked_bfgs_update_is_the_update_or_exactly_unchanged(seed):
+    gen = torch.Generator().manual_seed(seed)
+    d = 7
+    h = torch.linalg.inv(spd(d, gen))
+    h = 0.5 * (h + h.T)
+    s, y = curvature_pairs(d, 1, gen)
+    yes, no = torch.tensor(True), torch.tensor(False)
+    taken = bfgs_inverse_update_where(h, s[0], y[0], yes)
+    torch.testing.assert_close(taken, dense_bfgs(h, s[0], y[0]), rtol=1e-12, atol=1e-12)
+    assert torch.equal(taken, taken.T)
+    assert torch.equal(bfgs_inverse_update_where(h, s[0], y[0], no), h)
+    # a rejected pair that is not finite (or has s^T y <= 0) must not leak into H either
+    bad_y = y[0].clone()
+    bad_y[2] = float("nan")
+    assert torch.equal(bfgs_inverse_update_where(h, s[0], bad_y, no), h)
+    assert torch.equal(bfgs_inverse_update_where(h, s[0], -y[0], no), h)
+
+
+def test_restart_where_gives_a_scaled_identity_or_the_matrix():
+    h = torch.full((4, 4), float("nan"), dtype=D)
+    assert torch.equal(restart_where(h, torch.tensor(True), 2.5), 2.5 * torch.eye(4, dtype=D))
+    g = torch.randn(4, 4, dtype=D)
+    assert torch.equal(restart_where(g, torch.tensor(False), 2.5), g)
 
 
 def powell_case(kind: str, gen: torch.Generator, d: int = 5):

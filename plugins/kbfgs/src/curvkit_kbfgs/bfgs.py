@@ -51,10 +51,12 @@ __all__ = [
     "LM_FORMS",
     "accept_pair",
     "bfgs_inverse_update",
+    "bfgs_inverse_update_where",
     "double_damping",
     "lbfgs_apply",
     "lbfgs_matrix",
     "lbfgs_push",
+    "restart_where",
 ]
 
 #: The forms of the Levenberg-Marquardt part of :func:`double_damping`.
@@ -72,6 +74,33 @@ def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
     coef = rho * rho * torch.dot(y, hy) + rho
     cross = torch.outer(s, hy)
     return h + coef * torch.outer(s, s) - rho * (cross + cross.T)
+
+
+def bfgs_inverse_update_where(h: Tensor, s: Tensor, y: Tensor, accept: Tensor) -> Tensor:
+    r""":func:`bfgs_inverse_update` where ``accept`` (a 0-d bool tensor) holds, ``h`` itself
+    otherwise, decided on the device without a ``d x d`` select.
+
+    The rejected case is masked on the vectors and scalars instead: with :math:`u = \sqrt{c}\,s`
+    (:math:`c = \rho^2 y^\top H y + \rho`) and :math:`v = \rho s`, the update is
+    :math:`H + u u^\top - (v (Hy)^\top + (Hy) v^\top)`, and zeroing :math:`u, v, Hy` when the
+    pair is rejected (or not finite) adds exact zeros. Four passes over :math:`H` instead of eight
+    (the outer products, their sum and the select); exactly symmetric when ``h`` is.
+    """
+    rho = 1.0 / torch.dot(s, y)
+    hy = h @ y
+    coef = rho * rho * torch.dot(y, hy) + rho
+    u = torch.where(accept, coef.clamp_min(0).sqrt() * s, 0.0)
+    v = torch.where(accept, rho * s, 0.0)
+    hy = torch.where(accept, hy, 0.0)
+    cross = torch.outer(v, hy)
+    return torch.addr(h, u, u).sub_(cross + cross.T)
+
+
+def restart_where(h: Tensor, reset: Tensor, diagonal: float) -> Tensor:
+    """``diagonal * I`` where ``reset`` (a 0-d bool tensor) holds, ``h`` otherwise (one pass)."""
+    out = torch.where(reset, 0.0, h)
+    out.diagonal().add_(reset.to(out.dtype) * diagonal)
+    return out
 
 
 def double_damping(

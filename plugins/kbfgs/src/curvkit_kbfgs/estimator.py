@@ -83,7 +83,7 @@ from curvkit import (
 from curvkit.safeguards import CurvkitWarning
 from curvkit.config import check_choice, check_in_unit_interval, check_nonnegative, check_positive_int
 
-from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update, double_damping, lbfgs_push
+from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update_where, double_damping, lbfgs_push, restart_where
 from .layers import FALLBACK_KIND, LayerMeans, layer_inputs, layer_means, plan_blocks
 from .operator import LBFGSOperator
 
@@ -413,12 +413,11 @@ class KBFGSEstimator(CurvatureEstimator):
                 ok = accept_pair(s_a, y_a, before.a, tol=cfg.skip_tol)
                 # a non-finite entry of H_a (of A) makes s_a (y_a) non-finite: no d x d scans
                 reset = _all_finite(before.a) & ~_all_finite(s_a, y_a)
-                ha = torch.where(ok, bfgs_inverse_update(st["Ha"], s_a, y_a), st["Ha"])
+                ha = bfgs_inverse_update_where(st["Ha"], s_a, y_a, ok)
                 # restart: A from the next batch, H_a = (0 + sqrt(lambda) I)^-1, the exact damped
                 # inverse of the restarted A (BFGS pairs then track the new A)
-                eye = torch.eye(ha.shape[0], dtype=ha.dtype, device=ha.device)
-                st["Ha"] = torch.where(reset, eye / mu, ha)
-                st["A"] = torch.where(reset, torch.zeros_like(st["A"]), st["A"])
+                st["Ha"] = restart_where(ha, reset, 1.0 / mu)
+                st["A"] = torch.where(reset, 0.0, st["A"])
                 st["fresh"] = st["fresh"] | reset
                 counts["resets"] = counts["resets"] + reset
                 counts["a_pairs"] = counts["a_pairs"] + ok
@@ -483,11 +482,9 @@ class KBFGSEstimator(CurvatureEstimator):
         """Fold an accepted pair into H_g (dense BFGS or the pair memory); ``reset`` restarts H_g
         from the identity (an empty memory). Both are 0-d bool tensors."""
         if self.config.memory is None:
-            hg = st["Hg"]
-            eye = torch.eye(hg.shape[0], dtype=hg.dtype, device=hg.device)
-            st["Hg"] = torch.where(reset, eye, torch.where(accept, bfgs_inverse_update(hg, s, y), hg))
+            st["Hg"] = restart_where(bfgs_inverse_update_where(st["Hg"], s, y, accept), reset, 1.0)
             return
         S, Y, valid = lbfgs_push(st["S"], st["Y"], st["valid"], s, y, accept)
-        st["S"] = torch.where(reset, torch.zeros_like(S), S)
-        st["Y"] = torch.where(reset, torch.zeros_like(Y), Y)
+        st["S"] = torch.where(reset, 0.0, S)
+        st["Y"] = torch.where(reset, 0.0, Y)
         st["valid"] = valid & ~reset
