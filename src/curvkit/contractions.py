@@ -104,6 +104,13 @@ def mode_products(tensor: Tensor, matrices: Sequence[Any]) -> Tensor:
     An entry may also be an :class:`~curvkit.operators.InverseOperator` (eigenbasis, limited-memory
     pairs), applied through its own ``mode_product`` after the dense modes.
     """
+    dim = tensor.dim()
+    if 1 <= dim <= 2 and len(matrices) == dim and all(m is None or isinstance(m, Tensor) for m in matrices):
+        # the common case, vectors and matrices with dense factors: plain matmuls are the fastest
+        if dim == 1:
+            return tensor if matrices[0] is None else matrices[0] @ tensor
+        out = tensor if matrices[0] is None else matrices[0] @ tensor
+        return out if matrices[1] is None else out @ matrices[1].T
     if any(m is not None and not isinstance(m, Tensor) for m in matrices):
         dense = [m if isinstance(m, Tensor) else None for m in matrices]
         out = mode_products(tensor, dense) if len(matrices) == tensor.dim() else tensor
@@ -125,14 +132,4 @@ def mode_products(tensor: Tensor, matrices: Sequence[Any]) -> Tensor:
     if not modes:
         return tensor
     mats = [matrices[i] for i in modes]
-    shape = tuple(tensor.shape)
-    if len(shape) == 2:  # plain matmuls are the fastest path for the common case
-        out = tensor
-        if matrices[0] is not None:
-            out = matrices[0] @ out
-        if matrices[1] is not None:
-            out = out @ matrices[1].T
-        return out
-    if len(shape) == 1:
-        return mats[0] @ tensor
-    return contract(_product_equation(len(shape), modes), *mats, tensor)
+    return contract(_product_equation(dim, modes), *mats, tensor)

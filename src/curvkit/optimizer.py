@@ -24,7 +24,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import weakref
-from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -34,7 +33,7 @@ from ._tree import tensors_in
 from .blocks import Block, BlockPlan
 from .config import check_choice, check_positive_int
 from .engine import checkpoint
-from .engine.evidence import EvidenceCollector
+from .engine.evidence import EvidenceCollector, finite_flags
 from .engine.health import MESSAGES, HealthMonitor
 from .engine.params import GROUP_OPTIONS, check_parameter, normalise_params, validate_group_options
 from .engine.runstate import RunState
@@ -814,18 +813,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> list[bool]:
-    """Whether every entry of each tensor is finite: one fused 2-norm per dtype and device and
-    one host read; a tensor whose norm is not finite (a NaN or inf, or merely entries beyond
-    ~1e19 whose squares overflow) is confirmed entry by entry."""
-    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        buckets[(t.dtype, t.device)].append(i)
-    flags = [True] * len(tensors)
-    for idx in buckets.values():
-        norms = torch._foreach_norm([tensors[i] for i in idx])
-        for i, ok in zip(idx, torch.isfinite(torch.stack(norms)).tolist()):
-            flags[i] = ok or bool(torch.isfinite(tensors[i]).all())
-    return flags
+    """Whether every entry of each tensor is finite: :func:`~curvkit.engine.evidence.finite_flags`
+    (fused norms) read in one host read; a tensor whose norm is not finite (a NaN or inf, or
+    merely entries beyond ~1e19 whose squares overflow) is confirmed entry by entry."""
+    flags = finite_flags(tensors).tolist()
+    return [ok or bool(torch.isfinite(t).all()) for ok, t in zip(flags, tensors)]
 
 
 def _check_compile_update(compile_update: Any, nonfinite: str, preconditioner: Preconditioner) -> None:

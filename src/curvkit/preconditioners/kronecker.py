@@ -82,7 +82,7 @@ class KroneckerMode(Preconditioner):
         for (_, pattern), idx in batches.items():
             if len(idx) == 1 or all(pattern) or directions[idx[0]].device.type == "cpu":
                 for i in idx:
-                    out[i] = _dense_modes(directions[i], inverses[i])  # type: ignore[arg-type]
+                    out[i] = self.apply(blocks[i], states[i], directions[i], inverses[i], gradient=gradients[i])
                 continue
             dtype = directions[idx[0]].dtype
             m = torch.stack([directions[i] for i in idx])
@@ -99,15 +99,3 @@ class KroneckerMode(Preconditioner):
                 out[i] = r
         return out  # type: ignore[return-value]
 
-
-def _dense_modes(direction: Tensor, inverses: Sequence[Tensor | None]) -> Tensor:
-    """:math:`V_1 M V_2^\top` (or :math:`V_1 m`) for one block of order 1 or 2."""
-    dtype = direction.dtype
-    first = inverses[0]
-    out = direction
-    if first is not None:
-        out = (first if first.dtype == dtype else first.to(dtype)) @ out
-    if direction.dim() == 2 and inverses[1] is not None:
-        second = inverses[1]
-        out = out @ (second if second.dtype == dtype else second.to(dtype)).T
-    return out
