@@ -36,6 +36,27 @@ def test_steady_state_steps_read_nothing_on_the_host(name):
     assert counted == 2
 
 
+@pytest.mark.parametrize("name", method_names())
+def test_inversion_steps_read_the_host_once(name):
+    """A step that inverts reads the host once (CPU: one device): the state checks, the
+    finiteness of every inverse and the health counters come back in one read."""
+    model = tiny_model()
+    opt = build_with_period(name, model, 2)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        train_step(model, opt, x, y)
+    counted = 0
+    for _ in range(4):
+        if not opt._inverse_due(opt.param_groups[0]):
+            train_step(model, opt, x, y)
+            continue
+        with count_host_reads() as counts:
+            train_step(model, opt, x, y)
+        counted += 1
+        assert counts.count == 1, (name, counts.where)
+    assert counted == 2
+
+
 def _no_inversion_opt():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))

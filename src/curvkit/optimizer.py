@@ -34,7 +34,7 @@ from .blocks import Block, BlockPlan
 from .config import check_choice, check_positive_int
 from .engine import checkpoint
 from .engine.evidence import EvidenceCollector, finite_flags
-from .engine.health import MESSAGES, HealthMonitor
+from .engine.health import MESSAGES, HealthMonitor, read_together
 from .engine.params import GROUP_OPTIONS, check_parameter, normalise_params, validate_group_options
 from .engine.runstate import RunState
 from .engine.sharding import ShardedParams
@@ -43,7 +43,7 @@ from .engine.update import UpdateRule
 from .fisher import LossSpec
 from .interfaces import CurvatureEstimator, Inverter, Preconditioner, Source
 from .operators import EigenBasis
-from .safeguards import INVERSION_COUNTERS, InversionRequest, invert_all
+from .safeguards import INVERSION_COUNTERS, InversionRequest, finish_inversions, invert_all, start_inversions
 
 __all__ = ["CurvatureOptimizer"]
 
@@ -370,11 +370,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         due_groups = {gi for gi in range(len(self.param_groups)) if self.statistics_due(gi)}
         return [bi for bi, b in enumerate(self._blocks) if b.group in due_groups]
 
-    def _repair_state(self, block_ids: Sequence[int]) -> tuple[list[int], bool]:
-        """Restart non-finite statistics and reset non-finite momentum of ``block_ids`` (one
-        host read for all of them); returns the ids of the blocks repaired and whether the host
-        read anything."""
-        checks: list[tuple[int, str]] = []  # (block, what) per checked tensor
+    def _state_checks(self, block_ids: Sequence[int]) -> tuple[list[tuple[int, str]], list[Tensor]]:
+        """The tensors whose finiteness :meth:`_repair_state` checks: every floating statistic
+        (unless the estimator heals its own) and the momentum of ``block_ids``, each with its
+        ``(block, "statistics" | "momentum")``."""
+        checks: list[tuple[int, str]] = []
         tensors: list[Tensor] = []
         for bi in block_ids:
             state = self._state_of(self._blocks[bi])
@@ -387,9 +387,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if isinstance(momentum, Tensor) and momentum.numel():
                 checks.append((bi, "momentum"))
                 tensors.append(momentum)
-        if not tensors:
-            return [], False
-        bad = {(bi, what) for (bi, what), ok in zip(checks, _all_finite(tensors)) if not ok}
+        return checks, tensors
+
+    def _apply_repairs(self, checks: Sequence[tuple[int, str]], tensors: Sequence[Tensor], flags: Sequence[int]) -> list[int]:
+        """Restart the statistics and reset the momentum that ``flags`` (the host values of
+        :func:`~curvkit.engine.evidence.finite_flags` of ``tensors``) say are not finite (a
+        tensor whose norm merely overflowed is confirmed entry by entry); the ids repaired."""
+        bad = {
+            (bi, what) for (bi, what), ok, t in zip(checks, flags, tensors)
+            if not ok and not bool(torch.isfinite(t).all())
+        }
         repaired = []
         for bi in dict.fromkeys(bi for bi, _ in checks):
             b = self._blocks[bi]
@@ -402,7 +409,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self._health.count(bi, "momentum_reset")
             if (bi, "statistics") in bad or (bi, "momentum") in bad:
                 repaired.append(bi)
-        return repaired, True
+        return repaired
+
+    def _repair_state(self, block_ids: Sequence[int]) -> tuple[list[int], bool]:
+        """Restart non-finite statistics and reset non-finite momentum of ``block_ids`` (one
+        host read for all of them); returns the ids of the blocks repaired and whether the host
+        read anything."""
+        checks, tensors = self._state_checks(block_ids)
+        if not tensors:
+            return [], False
+        (flags,) = read_together([finite_flags(tensors)])
+        return self._apply_repairs(checks, tensors, flags or []), True
 
     # ------------------------------------------------------------------ evidence
     def update_curvature(
@@ -522,20 +539,73 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._health.warn_once("missing_statistics", _stale_message(run.step), stacklevel=4)
 
     def _compute_inverses(self, block_ids: Sequence[int]) -> bool:
-        """Repair and invert the factors of ``block_ids``; ``True`` if the host synchronised."""
-        repaired, synced = self._repair_state(block_ids)
+        """Repair and invert the factors of ``block_ids`` with one host read per device.
+
+        The inversions run first, on every due factor; one read then gives the finiteness of
+        the statistics and momentum (:meth:`_state_checks`), of every result, and the health
+        counters. Blocks whose statistics were not finite are restarted and keep their last
+        good inverses (their fresh results are dropped, not retried); results that are not
+        finite go to the fallbacks of :func:`~curvkit.safeguards.finish_inversions` (which
+        read the host again, on that rare path only). The distributed path
+        (``divide_inverses``) repairs first, then inverts and shares.
+
+        Returns ``True`` when there was nothing to invert (an estimator that maintains its
+        inverses, K-BFGS): the step's one read then comes after the update
+        (:meth:`_repair_and_sync`), so it also sees that update's faults.
+        """
+        if self.divide_inverses and self.inverter.produces in ("matrix", "eigenbasis"):
+            repaired, _ = self._repair_state(block_ids)
+            requests, _ = self._inversion_requests(block_ids, skip=repaired)
+            if requests:
+                self._invert_divided(requests)
+            self._health.sync(stacklevel=4)
+            return False
+        checks, tensors = self._state_checks(block_ids)
+        state_flags = finite_flags(tensors) if tensors else None
+        requests, previous = self._inversion_requests(block_ids)
+        if not requests:
+            return True
+        pending = start_inversions(self.inverter, requests)
+        values = read_together([state_flags, *pending.flags, *self._health.device_tensors()])
+        repaired = self._apply_repairs(checks, tensors, values[0] or [])
+        for bi in repaired:  # restarted statistics: keep the last good inverses until new evidence
+            if bi in previous:
+                self._state_of(self._blocks[bi])["inverses"] = previous[bi]
+        n = len(pending.flags)
+        results = finish_inversions(self.inverter, pending, values[1:1 + n], self._health, leave_out=set(repaired))
+        self._store_inverses(results)
+        self._health.sync(stacklevel=4, values=values[1 + n:])
+        return False
+
+    def _repair_and_sync(self, block_ids: Sequence[int]) -> None:
+        """The read of an inversion step with nothing to invert, after its update: repair the
+        state of ``block_ids`` (for the next step) and read the health counters, together."""
+        checks, tensors = self._state_checks(block_ids)
+        counters = self._health.device_tensors()
+        if not tensors and not counters:
+            return
+        values = read_together([finite_flags(tensors) if tensors else None, *counters])
+        self._apply_repairs(checks, tensors, values[0] or [])
+        self._health.sync(stacklevel=4, values=values[1:])
+
+    def _inversion_requests(
+        self, block_ids: Sequence[int], *, skip: Sequence[int] = ()
+    ) -> tuple[list[InversionRequest], dict[int, Any]]:
+        """The factors of ``block_ids`` to invert (none for an estimator whose factors are
+        already inverses), and each requesting block's inverses before this refresh. A block
+        in ``skip`` (restarted statistics) keeps its inverses when it has some."""
         requests = []
+        previous_of: dict[int, Any] = {}
         for bi in block_ids:
             b = self._blocks[bi]
             state = self._state_of(b)
-            if bi in repaired and state["inverses"] is not None:
-                continue  # restarted statistics: keep the last good inverses until new evidence
-            factors = self.estimator.factors(b, state["estimator"], damping=self.param_groups[b.group]["damping"])
-            if factors is None:
+            if bi in skip and state["inverses"] is not None:
                 continue
-            if self.estimator.factors_are_inverses:  # maintained directly: read at every step
+            factors = self.estimator.factors(b, state["estimator"], damping=self.param_groups[b.group]["damping"])
+            if factors is None or self.estimator.factors_are_inverses:  # the latter: read at every step
                 continue
             previous = state["inverses"]
+            previous_of[bi] = previous
             for mode, f in enumerate(factors):
                 if f is not None:
                     prev = previous[mode] if previous is not None and mode < len(previous) else None
@@ -545,12 +615,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for mode, f in enumerate(factors):
                 if f is None:
                     state["inverses"][mode] = None
-        if not requests:
-            return synced
-        if self.divide_inverses and self.inverter.produces in ("matrix", "eigenbasis"):
-            self._invert_divided(requests)
-            return True
-        results = invert_all(self.inverter, requests, self._health)
+        return requests, previous_of
+
+    def _store_inverses(self, results: dict[tuple[int, int], Any]) -> None:
+        """Put fresh inverses in the block states (eigenbases versioned once per refresh)."""
         refreshed: set[int] = set()
         for (bi, mode), inv in results.items():
             state = self._state_of(self._blocks[bi])
@@ -562,7 +630,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             elif isinstance(inv, Tensor):  # row-major, as a checkpoint restores it: same products
                 inv = inv.contiguous()
             state["inverses"][mode] = inv
-        return True
 
     def _owner(self, key: tuple[int, int]) -> int:
         """The rank that inverts factor ``key`` = (block, mode), balanced by cost at first use."""
@@ -690,7 +757,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         # 2. inverses where due (this is the step's only host synchronisation)
         due_inv = [bi for bi, b in enumerate(self._blocks) if self._inverse_due(self.param_groups[b.group])]
-        synced = self._compute_inverses(due_inv) if due_inv else False
+        read_after = self._compute_inverses(due_inv) if due_inv else False
 
         # 3. momentum, direction, update (batched, masked on the device)
         blocks = [self._blocks[bi] for bi in active]
@@ -709,8 +776,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             step=t, full_grads=full,
         )
         self._run.step += 1
-        if synced:  # the step read the host anyway: read the device counters, warn once
-            self._health.sync(stacklevel=3)
+        if read_after:  # nothing was inverted: the step's one read, after its update
+            self._repair_and_sync(due_inv)
 
         # 4. a second evaluation at the new parameters, when the estimator needs it
         if self._evidence.closure:
@@ -810,14 +877,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._used_grads = {}
             self._collector.due_blocks = weakref.WeakMethod(self._due_blocks)
             self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
-
-
-def _all_finite(tensors: Sequence[Tensor]) -> list[bool]:
-    """Whether every entry of each tensor is finite: :func:`~curvkit.engine.evidence.finite_flags`
-    (fused norms) read in one host read; a tensor whose norm is not finite (a NaN or inf, or
-    merely entries beyond ~1e19 whose squares overflow) is confirmed entry by entry."""
-    flags = finite_flags(tensors).tolist()
-    return [ok or bool(torch.isfinite(t).all()) for ok, t in zip(flags, tensors)]
 
 
 def _check_compile_update(compile_update: Any, nonfinite: str, preconditioner: Preconditioner) -> None:

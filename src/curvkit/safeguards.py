@@ -10,7 +10,9 @@ inverse. A warm-started inverter (``Inverter.warm_start``) gets the previous eig
 batched call and in the one-by-one retry; the float64 and extra-damping retries start cold. Every
 fallback is counted in the block's health counters and warned about the first
 time. The finiteness checks read one flag per factor on the host: inversion steps synchronise
-(once per device for all batches, unless a fallback runs), ordinary steps do not.
+(once per device for all batches, unless a fallback runs), ordinary steps do not. The optimizer
+launches the batches (:func:`start_inversions`), reads their flags together with its own state
+checks and health counters in that one read, then finishes (:func:`finish_inversions`).
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 from torch import Tensor
 
 from .interfaces import Factor, Inverter
 
-__all__ = ["CurvkitWarning", "HEALTH_COUNTERS", "INVERSION_COUNTERS", "InversionRequest", "invert_all", "new_health"]
+__all__ = [
+    "CurvkitWarning", "HEALTH_COUNTERS", "INVERSION_COUNTERS", "InversionRequest", "PendingInversions",
+    "finish_inversions", "invert_all", "new_health", "start_inversions",
+]
 
 
 #: The per-block counters of :meth:`curvkit.CurvatureOptimizer.health`.
@@ -135,6 +140,87 @@ def _dampings(reqs: Sequence[InversionRequest], dtype: torch.dtype, device: torc
     return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(()) for v in values])
 
 
+@dataclass
+class PendingInversions:
+    """Inversions launched by :func:`start_inversions`: every batch has run on the device; the
+    finiteness of the results (``flags``, one device tensor per batch that did not raise) waits
+    for the caller's host read, which may carry other values too (one read per step)."""
+
+    batches: list[tuple[list[InversionRequest], Tensor, Tensor, Tensor | None, Any]]
+    flags: list[Tensor | None]
+
+
+def start_inversions(inverter: Inverter, requests: Sequence[InversionRequest]) -> PendingInversions:
+    """Run the inverter on every batch of equal size, dtype and device (no host read).
+
+    Returns the results with their row-sum finiteness flags on the device, for
+    :func:`finish_inversions` once the flags have been read."""
+    from .engine.health import index_tensor
+
+    groups: dict[tuple[Any, ...], list[InversionRequest]] = defaultdict(list)
+    for req in requests:
+        m = req.factor.matrix
+        groups[(m.shape[-1], m.dtype, m.device, _warm(inverter, req) is not None)].append(req)
+    batches: list[tuple[list[InversionRequest], Tensor, Tensor, Tensor | None, Any]] = []
+    flags: list[Tensor | None] = []
+    for (_, dtype, device, warm), reqs in groups.items():
+        previous = torch.stack([_warm(inverter, r).to(dtype) for r in reqs]) if warm else None  # type: ignore[union-attr]
+        matrices = reqs[0].factor.matrix.unsqueeze(0) if len(reqs) == 1 else torch.stack([r.factor.matrix for r in reqs])
+        damping = _dampings(reqs, dtype, device)
+        order = index_tensor([r.order for r in reqs], device)
+        out = _call(inverter, matrices, damping, order, previous)
+        batches.append((reqs, matrices, damping, previous, out))
+        flags.append(None if out is None else _output_flags(out, exact=False))
+    return PendingInversions(batches, flags)
+
+
+def finish_inversions(
+    inverter: Inverter,
+    pending: PendingInversions,
+    flag_values: Sequence[Sequence[Any] | None],
+    health: Any,
+    *,
+    leave_out: Collection[int] = (),
+) -> dict[tuple[int, int], Any]:
+    """The results of :func:`start_inversions`, given the host values of its ``flags``.
+
+    Only when a result is not finite are that batch's inputs checked, to tell bad statistics
+    (kept last inverse) from a failed decomposition (retried in float64, then with more damping).
+    Requests of the blocks in ``leave_out`` (statistics the caller restarts) get no result and
+    no retry.
+    """
+    results: dict[tuple[int, int], Any] = {}
+    for (reqs, matrices, damping, previous, out), ok in zip(pending.batches, flag_values):
+        ok = None if ok is None else [bool(v) for v in ok]
+        if ok is not None and not all(ok):  # a row sum that is not finite: check its entries
+            ok = _output_flags(out).tolist()
+        if ok is not None and all(ok):
+            for req, row in zip(reqs, _rows(out)):
+                if req.key[0] not in leave_out:
+                    results[req.key] = row
+            continue
+        if all(r.key[0] in leave_out for r in reqs):
+            continue
+        input_ok = _finite_rows(torch.cat([matrices.flatten(1), damping[:, None]], dim=1))
+        if out is None:  # raised: one by one in the working dtype, no float64 yet
+            outs = [
+                _invert_one(inverter, r.factor.matrix, damping[i], r.order, None if previous is None else previous[i])
+                if input_ok[i] and r.key[0] not in leave_out else None
+                for i, r in enumerate(reqs)
+            ]
+            ok = [o is not None for o in outs]
+        else:
+            outs = _rows(out)
+        for i, req in enumerate(reqs):
+            if req.key[0] in leave_out:
+                continue
+            if ok[i] and input_ok[i]:
+                results[req.key] = outs[i]
+                continue
+            results[req.key] = _recover(inverter, req, input_ok[i], health)
+    return results
+
+
 def invert_all(
     inverter: Inverter,
     requests: Sequence[InversionRequest],
@@ -142,9 +228,8 @@ def invert_all(
 ) -> dict[tuple[int, int], Any]:
     """Invert every requested factor, batching factors of equal size, dtype and device.
 
-    Every batch runs first; then one host read per device gives the finiteness of every result.
-    Only when a result is not finite are that batch's inputs checked, to tell bad statistics
-    (kept last inverse) from a failed decomposition (retried).
+    :func:`start_inversions`, one host read per device for the finiteness of every result
+    (:func:`~curvkit.engine.health.read_together`), then :func:`finish_inversions`.
 
     Args:
         inverter: the inverter part.
@@ -155,55 +240,10 @@ def invert_all(
         ``{(block, mode): inverse}``; an inverse is a tensor, a ``(vectors, values)`` pair for
         eigenbasis inverters, the previous inverse, or ``None`` (identity on that mode).
     """
-    from .engine.health import index_tensor
+    from .engine.health import read_together
 
-    groups: dict[tuple[Any, ...], list[InversionRequest]] = defaultdict(list)
-    for req in requests:
-        m = req.factor.matrix
-        groups[(m.shape[-1], m.dtype, m.device, _warm(inverter, req) is not None)].append(req)
-    batches = []
-    for (_, dtype, device, warm), reqs in groups.items():
-        previous = torch.stack([_warm(inverter, r).to(dtype) for r in reqs]) if warm else None  # type: ignore[union-attr]
-        matrices = reqs[0].factor.matrix.unsqueeze(0) if len(reqs) == 1 else torch.stack([r.factor.matrix for r in reqs])
-        damping = _dampings(reqs, dtype, device)
-        order = index_tensor([r.order for r in reqs], device)
-        out = _call(inverter, matrices, damping, order, previous)
-        batches.append((reqs, matrices, damping, previous, out, None if out is None else _output_flags(out, exact=False)))
-    flags: dict[int, list[bool]] = {}  # one host read per device for every batch's flags
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for n, batch in enumerate(batches):
-        if batch[5] is not None:
-            by_device[batch[5].device].append(n)
-    for idx in by_device.values():
-        values = torch.cat([batches[n][5] for n in idx]).tolist()
-        for n in idx:
-            k = len(batches[n][0])
-            flags[n], values = values[:k], values[k:]
-    results: dict[tuple[int, int], Any] = {}
-    for n, (reqs, matrices, damping, previous, out, _) in enumerate(batches):
-        ok = flags.get(n)
-        if ok is not None and not all(ok):  # a row sum that is not finite: check its entries
-            ok = _output_flags(out).tolist()
-        if ok is not None and all(ok):
-            for req, row in zip(reqs, _rows(out)):
-                results[req.key] = row
-            continue
-        input_ok = _finite_rows(torch.cat([matrices.flatten(1), damping[:, None]], dim=1))
-        if out is None:  # raised: one by one in the working dtype, no float64 yet
-            outs = [
-                _invert_one(inverter, r.factor.matrix, damping[i], r.order, None if previous is None else previous[i])
-                if input_ok[i] else None
-                for i, r in enumerate(reqs)
-            ]
-            ok = [o is not None for o in outs]
-        else:
-            outs = _rows(out)
-        for i, req in enumerate(reqs):
-            if ok[i] and input_ok[i]:
-                results[req.key] = outs[i]
-                continue
-            results[req.key] = _recover(inverter, req, input_ok[i], health)
-    return results
+    pending = start_inversions(inverter, requests)
+    return finish_inversions(inverter, pending, read_together(pending.flags), health)
 
 
 def _warm(inverter: Inverter, req: InversionRequest) -> Tensor | None:

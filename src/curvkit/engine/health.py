@@ -3,8 +3,9 @@ r"""Health counters: every numerical fallback and misuse, counted per block.
 Faults found on the device during ordinary steps (non-finite gradients, evidence, directions)
 are counted in integer tensors on the device by masked additions, so a steady-state step never
 reads a tensor value on the host. The counts are read -- and a warning is emitted once per kind
-of fault -- only at *sync points*: :meth:`HealthMonitor.sync` (``opt.health()``), and the end of
-steps that invert (which synchronise anyway). Faults decided on the host (inversion retries,
+of fault -- only at *sync points*: :meth:`HealthMonitor.sync` (``opt.health()``), and the steps
+that invert, whose one host read (:func:`read_together`) carries the counters as they stood
+before that step's update (a fault of that update is warned about at the next sync point). Faults decided on the host (inversion retries,
 statistics restarts, missing evidence) are counted directly.
 """
 
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from ..safeguards import HEALTH_COUNTERS, CurvkitWarning
 
-__all__ = ["DEVICE_COUNTERS", "HealthMonitor", "MESSAGES", "index_tensor"]
+__all__ = ["DEVICE_COUNTERS", "HealthMonitor", "MESSAGES", "index_tensor", "read_together"]
 
 _INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
@@ -33,6 +34,27 @@ def index_tensor(ids: Sequence[int], device: torch.device) -> Tensor:
             _INDEX_CACHE.clear()
         t = _INDEX_CACHE[key] = torch.tensor(key[0], dtype=torch.int64, device=device)
     return t
+
+def read_together(tensors: Sequence[Tensor | None]) -> list[list[int] | None]:
+    """The values of several small integer or bool tensors in one host read per device.
+
+    Each tensor is flattened; the result holds one list of ints per tensor (``None`` for a
+    ``None`` entry, an empty list for an empty tensor). On a GPU each ``tolist`` waits for the
+    device, so a step that must read several flags reads them here, together.
+    """
+    out: list[list[int] | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t is not None:
+            by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        parts = [tensors[i].reshape(-1).to(torch.int64) for i in idx]  # type: ignore[union-attr]
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+        for i, part in zip(idx, parts):
+            n = part.numel()
+            out[i], values = values[:n], values[n:]
+    return out
+
 
 #: Counters kept on the device (incremented by masks, read only at sync points).
 DEVICE_COUNTERS = ("skipped_nonfinite_grad", "skipped_nonfinite_evidence", "skipped_nonfinite_direction")
@@ -112,19 +134,30 @@ class HealthMonitor:
         self.host[block][counter] += amount
 
     # -------------------------------------------------------------- reading
-    def totals(self) -> list[dict[str, int]]:
-        """All counters per block (reads the device counters: a sync point)."""
+    def device_tensors(self) -> list[Tensor]:
+        """The device counters, one ``(blocks, len(DEVICE_COUNTERS))`` tensor per device, for a
+        caller that reads them with other values (:func:`read_together`) and passes the values
+        to :meth:`sync`."""
+        return list(self._device.values())
+
+    def totals(self, values: Sequence[Sequence[int] | None] | None = None) -> list[dict[str, int]]:
+        """All counters per block (reads the device counters: a sync point, unless ``values``
+        holds what :func:`read_together` read of :meth:`device_tensors`)."""
         out = [dict(h) for h in self.host]
-        for counts in self._device.values():
-            rows = counts.tolist()
-            for bi, row in enumerate(rows):
-                for name, v in zip(DEVICE_COUNTERS, row):
-                    out[bi][name] += int(v)
+        tensors = list(self._device.values())
+        if values is None:
+            values = read_together(tensors)
+        width = len(DEVICE_COUNTERS)
+        for flat in values:
+            for bi in range(len(flat or ()) // width):
+                for j, name in enumerate(DEVICE_COUNTERS):
+                    out[bi][name] += int(flat[bi * width + j])  # type: ignore[index]
         return out
 
-    def sync(self, *, stacklevel: int = 4) -> list[dict[str, int]]:
-        """Read every counter and warn once for each kind of fault that appeared."""
-        totals = self.totals()
+    def sync(self, *, stacklevel: int = 4, values: Sequence[Sequence[int] | None] | None = None) -> list[dict[str, int]]:
+        """Read every counter and warn once for each kind of fault that appeared (``values``:
+        the device counters already read, see :meth:`totals`)."""
+        totals = self.totals(values)
         for counter in HEALTH_COUNTERS:
             total = sum(t[counter] for t in totals)
             if total > self._seen.get(counter, 0):
