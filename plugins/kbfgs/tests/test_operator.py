@@ -117,3 +117,24 @@ def test_kbfgs_l_steps_unchanged_against_the_dense_path():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     st = runs[0][1].block_state(0)["estimator"]
     assert bool(st["valid"].all()) and int(st["counts"]["g_pairs"]) > 3  # the memory wrapped around
+
+
+def test_rows_zeroed_memory_and_a_saved_operator_apply_the_same_matrix(tmp_path):
+    """The estimator's memory keeps free rows at zero, so its operator skips the masking; an
+    operator saved to disk keeps W and M only (C W is rebuilt on first use), and one pickled
+    before C W was kept (no such attribute) still applies."""
+    gen = torch.Generator().manual_seed(4)
+    s, y = _pairs(5, 6, gen)
+    valid = torch.tensor([False, False, True, True, True])
+    s[~valid], y[~valid] = 0.0, 0.0
+    dense = _dense_bfgs(s[valid], y[valid])
+    fast = LBFGSOperator(s, y, valid, rows_zeroed=True)
+    torch.testing.assert_close(fast.to_dense(D), dense, rtol=1e-10, atol=1e-10)
+    torch.save({"op": fast}, tmp_path / "op.pt")
+    loaded = torch.load(tmp_path / "op.pt", weights_only=True)["op"]
+    assert loaded._q is None
+    v = torch.randn(6, 4, dtype=D, generator=gen)
+    torch.testing.assert_close(loaded.matmul(v), dense @ v, rtol=1e-10, atol=1e-10)
+    older = object.__new__(LBFGSOperator)
+    older.__dict__.update({k: w for k, w in fast.__dict__.items() if k != "_q"})
+    torch.testing.assert_close(older.matmul(v[:, 0]), dense @ v[:, 0], rtol=1e-10, atol=1e-10)

@@ -458,7 +458,7 @@ class KBFGSEstimator(CurvatureEstimator):
         hit = cache.get(id(st))
         if hit is not None and hit[0] == key and all(a is b for a, b in zip(hit[1], tensors)):
             return hit[2]
-        op = LBFGSOperator(*tensors)
+        op = LBFGSOperator(*tensors, rows_zeroed=True)  # lbfgs_push and restarts keep free rows at zero
         cache[id(st)] = (key, tensors, op)
         return op
 

@@ -12,10 +12,10 @@ With the valid pairs as rows of :math:`S, Y \in \mathbb{R}^{k \times d}` (oldest
 :math:`R` the upper triangle of :math:`S Y^\top` and :math:`D` its diagonal. :class:`LBFGSOperator`
 builds :math:`W` and :math:`M = D + Y Y^\top` (the one block of :math:`C` that is not fixed)
 once (:math:`O(k^2 d)`) and applies :math:`H` to the ``(d, n)``
-unfolding of a tensor as :math:`V + W^\top (C (W V))`, using the block structure of :math:`C`:
-with :math:`(a; b) = W V`, :math:`H V = V + Z^\top (M a - b) - Y^\top a`, :math:`M = D + Y Y^\top`
-(:math:`4 k d n + k^2 n` flops, against :math:`d^2 n` for a dense :math:`H` and
-:math:`O(k d^2)` more to form it). It equals the two-loop recursion
+unfolding of a tensor as :math:`V + W^\top ((C W) V)`, with :math:`C W = (M Z - Y;\ -Z)` formed
+once with :math:`W` (the block structure of :math:`C`: :math:`k^2 d` flops) and kept beside it
+(:math:`4 k d n` flops per application in two products, against :math:`d^2 n` for a dense
+:math:`H` and :math:`O(k d^2)` more to form it; a checkpoint holds :math:`W` and :math:`M` only). It equals the two-loop recursion
 (:func:`~curvkit_kbfgs.bfgs.lbfgs_apply`) applied to every column; the recursion's :math:`2k`
 sequential rank-one passes over the ``(d, n)`` matrix are memory-bound, so the compact form is the
 one used for matrices (measured 10-20x faster on the MNIST autoencoder's shapes).
@@ -39,7 +39,7 @@ class LBFGSOperator(InverseOperator):
     """The L-BFGS matrix of the pairs ``s_rows, y_rows`` (``(m, d)``, oldest first, the rows with
     ``valid`` set), :math:`H_0 = I`, as a symmetric ``(d, d)`` operator (module docstring)."""
 
-    def __init__(self, s_rows: Tensor, y_rows: Tensor, valid: Tensor | None = None) -> None:
+    def __init__(self, s_rows: Tensor, y_rows: Tensor, valid: Tensor | None = None, *, rows_zeroed: bool = False) -> None:
         if s_rows.dim() != 2 or s_rows.shape != y_rows.shape:
             raise ValueError(
                 f"s_rows and y_rows must be (m, d) matrices of one shape, got {tuple(s_rows.shape)} and "
@@ -52,12 +52,16 @@ class LBFGSOperator(InverseOperator):
             raise ValueError(f"valid must have shape ({k},), got {tuple(valid.shape)}")
         self._d = int(d)
         self.dtype = s_rows.dtype
+        self._q: Tensor | None = None
         if k == 0:
             self._w, self._c = None, None
             return
-        mask = valid[:, None]
-        s = torch.where(mask, s_rows, 0.0)
-        y = torch.where(mask, y_rows, 0.0)
+        if rows_zeroed:  # the caller's memory holds zeros in the rows not marked valid
+            s, y = s_rows, y_rows
+        else:
+            mask = valid[:, None]
+            s = torch.where(mask, s_rows, 0.0)
+            y = torch.where(mask, y_rows, 0.0)
         sy = s @ y.T
         r = torch.triu(sy)
         r.diagonal().add_((~valid).to(s.dtype))
@@ -68,6 +72,24 @@ class LBFGSOperator(InverseOperator):
         # M = D + Y Y^T, the one block of C = [[M, -I], [-I, 0]] that is not fixed (saved
         # operators of earlier versions hold the whole (2k, 2k) C: matmul reads its top-left block)
         self._c = middle
+        # C W = (M Z - Y; -Z), so that H V = V + W^T ((C W) V): two products per application
+        self._q = torch.cat([torch.addmm(y, middle, z, alpha=1.0, beta=-1.0), z.neg()])
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_q"] = None  # C W is rebuilt on first use: a checkpoint holds W and M only
+        return state
+
+    def _cw(self, dtype: torch.dtype) -> Tensor:
+        """:math:`C W` in ``dtype`` (built from ``W`` and ``M`` when missing: a loaded operator)."""
+        q = getattr(self, "_q", None)  # operators saved before C W was kept have no _q
+        if q is None:
+            w = self._w
+            k = w.shape[0] // 2  # type: ignore[union-attr]
+            middle = self._c[:k, :k]  # type: ignore[index]
+            z, y = w[:k], w[k:]  # type: ignore[index]
+            q = self._q = torch.cat([torch.addmm(y, middle.to(w.dtype), z, alpha=1.0, beta=-1.0), z.neg()])
+        return q if q.dtype == dtype else q.to(dtype)
 
     @property
     def size(self) -> int:
@@ -79,21 +101,14 @@ class LBFGSOperator(InverseOperator):
         return (self._d, self._d)
 
     def matmul(self, matrix: Tensor) -> Tensor:
-        """``H @ matrix`` for ``matrix`` of shape ``(d, n)`` or ``(d,)``."""
+        """``H @ matrix`` for ``matrix`` of shape ``(d, n)`` or ``(d,)``: :math:`V + W^\top ((C W) V)`."""
         if self._w is None:
             return matrix.clone()
         w = self._w if self._w.dtype == matrix.dtype else self._w.to(matrix.dtype)
-        k = w.shape[0] // 2
-        middle = self._c[:k, :k]
-        if middle.dtype != matrix.dtype or not middle.is_contiguous():
-            middle = middle.to(matrix.dtype, memory_format=torch.contiguous_format)
-        # C = [[M, -I], [-I, 0]]: with (a; b) = W V, C (a; b) = (M a - b; -a), a k x k product
-        # instead of the 2k x 2k one
-        zy = w @ matrix
-        a, b = zy[:k], zy[k:]
+        cw = self._cw(matrix.dtype)
         if matrix.dim() == 1:
-            return torch.addmv(matrix, w.T, torch.cat([middle @ a - b, -a]))
-        return torch.addmm(matrix, w.T, torch.cat([middle @ a - b, -a]))
+            return torch.addmv(matrix, w.T, cw @ matrix)
+        return torch.addmm(matrix, w.T, cw @ matrix)
 
     def to(self, dtype: torch.dtype) -> "LBFGSOperator":
         """The operator with its data in ``dtype`` (itself when it already is)."""
@@ -102,6 +117,7 @@ class LBFGSOperator(InverseOperator):
         out = object.__new__(LBFGSOperator)
         out._d, out.dtype = self._d, dtype
         out._w, out._c = self._w.to(dtype), self._c.to(dtype)
+        out._q = None if self._q is None else self._q.to(dtype)
         return out
 
 
