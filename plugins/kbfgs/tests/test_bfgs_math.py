@@ -151,6 +151,12 @@ def test_accept_pair_rejects_nonpositive_tiny_and_nonfinite_pairs():
     assert bool(accept_pair(s, torch.tensor([6e-4, 0.0], dtype=D), ref, tol=1e-4))
     assert not bool(accept_pair(s, torch.tensor([float("nan"), 0.0], dtype=D), ref, tol=1e-4))
     assert not bool(accept_pair(torch.zeros(2, dtype=D), torch.ones(2, dtype=D), ref, tol=1e-4))
+    # an infinity where s is zero (0 * inf), in s, or in the reference: not finite, rejected
+    inf = float("inf")
+    assert not bool(accept_pair(s, torch.tensor([1.0, inf], dtype=D), ref, tol=1e-4))
+    assert not bool(accept_pair(torch.tensor([1.0, -inf], dtype=D), torch.tensor([1.0, 1.0], dtype=D), ref, tol=1e-4))
+    assert not bool(accept_pair(s, torch.tensor([1.0, 0.0], dtype=D), torch.tensor([inf, 0.0], dtype=D), tol=0.0))
+    assert not bool(accept_pair(s, torch.tensor([1.0, 0.0], dtype=D), torch.tensor([float("nan"), 0.0], dtype=D), tol=0.0))
 
 
 def test_double_damping_rejects_an_unknown_form():

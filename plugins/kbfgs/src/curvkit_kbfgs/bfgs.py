@@ -122,15 +122,15 @@ def double_damping(
         raise ValueError(f"form must be one of {LM_FORMS}, got {form!r}")
     sy, yhy = torch.dot(s, y), torch.dot(y, hy)
     powell = sy < mu1 * yhy
-    gap = torch.where(powell, yhy - sy, torch.ones_like(sy))
-    theta1 = torch.where(powell, (1.0 - mu1) * yhy / gap, torch.ones_like(sy))
+    gap = torch.where(powell, yhy - sy, 1.0)
+    theta1 = torch.where(powell, (1.0 - mu1) * yhy / gap, 1.0)
     s_t = theta1 * s + (1.0 - theta1) * hy
     if form == "add":
         return s_t, y + mu2 * s_t
     sty, sts = torch.dot(s_t, y), torch.dot(s_t, s_t)
     lm = sty < mu2 * sts
-    gap2 = torch.where(lm, sts - sty, torch.ones_like(sts))
-    theta2 = torch.where(lm, (1.0 - mu2) * sts / gap2, torch.ones_like(sts))
+    gap2 = torch.where(lm, sts - sty, 1.0)
+    theta2 = torch.where(lm, (1.0 - mu2) * sts / gap2, 1.0)
     return s_t, theta2 * y + (1.0 - theta2) * s_t
 
 
@@ -140,11 +140,14 @@ def accept_pair(s: Tensor, y: Tensor, reference: Tensor, *, tol: float) -> Tenso
     Accepted when everything is finite and
     :math:`s^\top y > \max(0,\ \mathrm{tol}\cdot s^\top s\,\lVert r\rVert)` with ``reference``
     :math:`r` (the mean output gradient for the pre-activation side, the mean input for the
-    activation side), the skip rule of the authors' code.
+    activation side), the skip rule of the authors' code. Finiteness is read from the products
+    the rule needs anyway (a product that overflows from finite entries counts as not finite).
     """
     sy, ss = torch.dot(s, y), torch.dot(s, s)
-    finite = torch.isfinite(s).all() & torch.isfinite(y).all() & torch.isfinite(reference).all()
-    return finite & (sy > 0) & (sy > tol * ss * torch.linalg.vector_norm(reference))
+    scale = torch.linalg.vector_norm(reference)
+    # a NaN or infinity in s, y or the reference shows in s^T y + s^T s + ||r|| (0 * inf is NaN)
+    finite = torch.isfinite(sy + ss + scale)
+    return finite & (sy > 0) & (sy > tol * ss * scale)
 
 
 def lbfgs_apply(s_rows: Tensor, y_rows: Tensor, v: Tensor) -> Tensor:

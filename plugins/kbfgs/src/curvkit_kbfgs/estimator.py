@@ -152,7 +152,13 @@ def stochastic_modules(model: nn.Module) -> list[str]:
 
 
 def _all_finite(*tensors: Tensor) -> Tensor:
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    """Whether every entry of the (small) ``tensors`` is finite, as a 0-d bool tensor, from their
+    sums: a NaN or an infinity always shows in a sum; a sum that overflows from finite entries
+    (beyond ~3e38 in float32) also counts as a fault, as the norms of the engine's checks do."""
+    total = tensors[0].sum()
+    for t in tensors[1:]:
+        total = total + t.sum()
+    return torch.isfinite(total)
 
 
 @register("estimator", "kbfgs")
@@ -297,10 +303,9 @@ class KBFGSEstimator(CurvatureEstimator):
         old = state["A"]
         if decay == 0.0:
             new = batch
-        else:  # after a restart (``fresh``) the next finite batch sets A
-            keep = torch.where(state["fresh"], torch.zeros((), dtype=old.dtype, device=old.device),
-                               torch.full((), decay, dtype=old.dtype, device=old.device))
-            new = keep * old + (1.0 - keep) * batch
+        else:  # after a restart (``fresh``) the next finite batch sets A: keep * old + (1 - keep) * batch
+            keep = (~state["fresh"]).to(old.dtype) * decay
+            new = torch.lerp(batch, old, keep)
         # a non-finite entry of a (or an overflow) always shows on the diagonal of a^T a
         finite = torch.isfinite(batch.diagonal()).all()
         state["A"] = torch.where(finite, new, old)
@@ -472,11 +477,12 @@ class KBFGSEstimator(CurvatureEstimator):
         beta = self.config.pair_decay
         s_avg, y_avg = st["s_avg"], st["y_avg"]
         avg_finite = _all_finite(s_avg, y_avg)
-        s_avg = torch.where(avg_finite, s_avg, torch.zeros_like(s_avg))
-        y_avg = torch.where(avg_finite, y_avg, torch.zeros_like(y_avg))
+        s_avg = torch.where(avg_finite, s_avg, 0.0)
+        y_avg = torch.where(avg_finite, y_avg, 0.0)
         new_finite = _all_finite(s, y)
-        st["s_avg"] = torch.where(new_finite, beta * s_avg + (1.0 - beta) * s, s_avg)
-        st["y_avg"] = torch.where(new_finite, beta * y_avg + (1.0 - beta) * y, y_avg)
+        # beta * avg + (1 - beta) * new
+        st["s_avg"] = torch.where(new_finite, torch.lerp(s, s_avg, beta), s_avg)
+        st["y_avg"] = torch.where(new_finite, torch.lerp(y, y_avg, beta), y_avg)
 
     def _fold_g(self, st: dict[str, Any], s: Tensor, y: Tensor, accept: Tensor, reset: Tensor) -> None:
         """Fold an accepted pair into H_g (dense BFGS or the pair memory); ``reset`` restarts H_g
