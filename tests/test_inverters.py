@@ -71,3 +71,50 @@ def test_invalid_power_rejected(bad):
 def test_unknown_option_named():
     with pytest.raises(ValueError, match="powr"):
         curvkit.DampedEigen(powr=2)
+
+
+def _dead_unit_factor(seed, d=128):
+    """An EMA of low-rank Grams of a layer whose other units are dead: exactly zero rows and
+    columns, the factors on which float32 ``eigh`` fails about one time in four."""
+    g = torch.Generator().manual_seed(seed)
+    active = torch.randperm(d, generator=g)[: 20 + seed % 40]
+    rank = 1 + seed % 6
+    a = torch.zeros(d, d)
+    for _ in range(30):
+        x = torch.zeros(d, 8)
+        x[active] = torch.randn(len(active), rank, generator=g) @ torch.randn(rank, 8, generator=g) * 0.1
+        a = 0.95 * a + 0.05 * (x @ x.T)
+    return 0.5 * (a + a.T)
+
+
+def _plain_eigh_fails(a):
+    try:
+        vals, vecs = torch.linalg.eigh(a)
+    except RuntimeError:
+        return True
+    return not bool(torch.isfinite(vals).all() and torch.isfinite(vecs).all())
+
+
+@pytest.mark.parametrize("inverter", ["root", "relative", "eigenbasis"])
+def test_float32_eigen_inverters_succeed_on_factors_with_dead_units(inverter):
+    """Factors on which plain float32 eigh raises or returns NaN: the eigen inverters decompose
+    them shifted by the damping, in float32, and match the float64 result."""
+    seeds = [s for s in range(40) if _plain_eigh_fails(_dead_unit_factor(s))][:4]
+    assert len(seeds) == 4  # the case is real on this build
+    a = torch.stack([_dead_unit_factor(s) for s in seeds])
+    damping = torch.full((4,), 1e-3)
+    order = torch.full((4,), 2)
+    if inverter == "eigenbasis":
+        from curvkit.inverters.eigenbasis import Eigenbasis
+        inv = Eigenbasis(power="1/2k")
+        vecs, values = inv.invert(a, damping=damping, order=order)
+        out = (vecs * values.unsqueeze(-2)) @ vecs.transpose(-1, -2)
+        ref_inv = Eigenbasis(power="1/2k")
+        v64, l64 = ref_inv.invert(a.double(), damping=damping.double(), order=order)
+        ref = (v64 * l64.unsqueeze(-2)) @ v64.transpose(-1, -2)
+    else:
+        inv = curvkit.DampedEigen(power="1/2k", relative_damping=inverter == "relative")
+        out = inv.invert(a, damping=damping, order=order)
+        ref = inv.invert(a.double(), damping=damping.double(), order=order)
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..config import check_choice
 from ..interfaces import Inverter, PartConfig
-from ..matrix_functions import symmetrize
+from ..matrix_functions import shifted_eigh, symmetrize
 from ..operators import EigenBasis
 from ..registry import register
 from .eigen import _parse_power
@@ -89,12 +89,17 @@ class Eigenbasis(Inverter):
         """``(vectors, values)``; with ``refresh="qr"`` and ``previous`` (the last ``(b, d, d)``
         bases of the same factors) one warm-started QR power step instead of ``eigh``."""
         constant, denom = _parse_power(self.config.power)
-        sym = symmetrize(matrices)
+        damping = damping.to(matrices.dtype)
         if previous is not None and self.config.refresh == "qr":
+            sym = symmetrize(matrices)
             vecs = qr_refresh(sym, previous.to(sym.dtype))
             vals = (vecs * (sym @ vecs)).sum(dim=-2)  # diag(Q^T U Q)
+            damped = vals.clamp_min(0) + damping[:, None]
         else:
-            vals, vecs = torch.linalg.eigh(sym)
+            # float32: eigh of U + eps I (the same eigenvectors), which does not fail on the zero
+            # cluster of a factor with dead units (see shifted_eigh)
+            vals, vecs = shifted_eigh(matrices, damping)
+            damped = vals.clamp_min(0) + damping[:, None]
             # a deterministic sign per eigenvector: its largest-magnitude entry is positive
             idx = vecs.abs().argmax(dim=-2, keepdim=True)
             sign = torch.where(torch.gather(vecs, -2, idx) < 0, -1.0, 1.0).to(vecs.dtype)
@@ -103,8 +108,7 @@ class Eigenbasis(Inverter):
             power = 1.0 / (denom * order.to(matrices.dtype))
         else:
             power = torch.full((matrices.shape[0],), constant, dtype=matrices.dtype, device=matrices.device)
-        damping = damping.to(vals.dtype)
-        values = (vals.clamp_min(0) + damping[:, None]).pow(-power[:, None])
+        values = damped.pow(-power[:, None])
         return vecs, values
 
 
