@@ -124,14 +124,14 @@ def double_damping(
     powell = sy < mu1 * yhy
     gap = torch.where(powell, yhy - sy, 1.0)
     theta1 = torch.where(powell, (1.0 - mu1) * yhy / gap, 1.0)
-    s_t = theta1 * s + (1.0 - theta1) * hy
+    s_t = torch.lerp(hy, s, theta1)  # theta1 s + (1 - theta1) H y
     if form == "add":
         return s_t, y + mu2 * s_t
     sty, sts = torch.dot(s_t, y), torch.dot(s_t, s_t)
     lm = sty < mu2 * sts
     gap2 = torch.where(lm, sts - sty, 1.0)
     theta2 = torch.where(lm, (1.0 - mu2) * sts / gap2, 1.0)
-    return s_t, theta2 * y + (1.0 - theta2) * s_t
+    return s_t, torch.lerp(s_t, y, theta2)  # theta2 y + (1 - theta2) s_t
 
 
 def accept_pair(s: Tensor, y: Tensor, reference: Tensor, *, tol: float) -> Tensor:

@@ -414,7 +414,7 @@ class KBFGSEstimator(CurvatureEstimator):
             counts = st["counts"]
             if st["Ha"] is not None:
                 s_a = st["Ha"] @ before.a
-                y_a = st["A"] @ s_a + mu * s_a
+                y_a = torch.addmv(s_a, st["A"], s_a, beta=mu)  # A s + mu s
                 ok = accept_pair(s_a, y_a, before.a, tol=cfg.skip_tol)
                 # a non-finite entry of H_a (of A) makes s_a (y_a) non-finite: no d x d scans
                 reset = _all_finite(before.a) & ~_all_finite(s_a, y_a)
