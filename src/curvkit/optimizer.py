@@ -566,7 +566,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not requests:
             return True
         pending = start_inversions(self.inverter, requests)
-        values = read_together([state_flags, *pending.flags, *self._health.device_tensors()])
+        grads_ok = self._gradients_finite()
+        values = read_together([state_flags, grads_ok, *pending.flags, *self._health.device_tensors()])
+        if values[1] == [0]:  # this step's update will skip a block (counted there): warn now
+            self._health.warn_once("skipped_nonfinite_grad", MESSAGES["skipped_nonfinite_grad"], stacklevel=5)
+        values = [values[0], *values[2:]]
         repaired = self._apply_repairs(checks, tensors, values[0] or [])
         for bi in repaired:  # restarted statistics: keep the last good inverses until new evidence
             if bi in previous:
@@ -576,6 +580,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._store_inverses(results)
         self._health.sync(stacklevel=4, values=values[1 + n:])
         return False
+
+    def _gradients_finite(self) -> Tensor | None:
+        """Whether every gradient of this step is finite, as one 0-d bool on the device (read with
+        the inversion flags, so that a gradient fault of a step that inverts is warned about in
+        that step; the update counts it). ``None`` under FSDP2 or with gradients on several devices."""
+        if self._sharding is not None:
+            return None
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or len({t.device for t in grads}) != 1:
+            return None
+        return finite_flags(grads).all()
 
     def _repair_and_sync(self, block_ids: Sequence[int]) -> None:
         """The read of an inversion step with nothing to invert, after its update: repair the

@@ -5,7 +5,8 @@ are counted in integer tensors on the device by masked additions, so a steady-st
 reads a tensor value on the host. The counts are read -- and a warning is emitted once per kind
 of fault -- only at *sync points*: :meth:`HealthMonitor.sync` (``opt.health()``), and the steps
 that invert, whose one host read (:func:`read_together`) carries the counters as they stood
-before that step's update (a fault of that update is warned about at the next sync point). Faults decided on the host (inversion retries,
+before that step's update (with a flag for that step's gradients; a non-finite direction of
+that update is warned about at the next sync point). Faults decided on the host (inversion retries,
 statistics restarts, missing evidence) are counted directly.
 """
 
