@@ -411,15 +411,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 repaired.append(bi)
         return repaired
 
-    def _repair_state(self, block_ids: Sequence[int]) -> tuple[list[int], bool]:
+    def _repair_state(self, block_ids: Sequence[int], *, sync: bool = False) -> tuple[list[int], bool]:
         """Restart non-finite statistics and reset non-finite momentum of ``block_ids`` (one
-        host read for all of them); returns the ids of the blocks repaired and whether the host
-        read anything."""
+        host read for all of them; with ``sync`` the health counters come back in the same read
+        and pending warnings are emitted); returns the ids of the blocks repaired and whether
+        the host read anything."""
         checks, tensors = self._state_checks(block_ids)
-        if not tensors:
+        counters = self._health.device_tensors() if sync else []
+        if not tensors and not counters:
             return [], False
-        (flags,) = read_together([finite_flags(tensors)])
-        return self._apply_repairs(checks, tensors, flags or []), True
+        values = read_together([finite_flags(tensors) if tensors else None, *counters])
+        repaired = self._apply_repairs(checks, tensors, values[0] or [])
+        if sync:
+            self._health.sync(stacklevel=4, values=values[1:])
+        return repaired, True
 
     # ------------------------------------------------------------------ evidence
     def update_curvature(
@@ -551,7 +556,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Returns ``True`` when there was nothing to invert (an estimator that maintains its
         inverses, K-BFGS): the step's one read then comes after the update
-        (:meth:`_repair_and_sync`), so it also sees that update's faults.
+        (:meth:`_repair_state` with ``sync=True``), so it also sees that update's faults.
         """
         if self.divide_inverses and self.inverter.produces in ("matrix", "eigenbasis"):
             repaired, _ = self._repair_state(block_ids)
@@ -567,18 +572,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return True
         pending = start_inversions(self.inverter, requests)
         grads_ok = self._gradients_finite()
-        values = read_together([state_flags, grads_ok, *pending.flags, *self._health.device_tensors()])
-        if values[1] == [0]:  # this step's update will skip a block (counted there): warn now
+        n = len(pending.flags)
+        state_ok, grads_ok_value, *values = read_together(
+            [state_flags, grads_ok, *pending.flags, *self._health.device_tensors()]
+        )
+        if grads_ok_value == [0]:  # this step's update will skip a block (counted there): warn now
             self._health.warn_once("skipped_nonfinite_grad", MESSAGES["skipped_nonfinite_grad"], stacklevel=5)
-        values = [values[0], *values[2:]]
-        repaired = self._apply_repairs(checks, tensors, values[0] or [])
+        repaired = self._apply_repairs(checks, tensors, state_ok or [])
         for bi in repaired:  # restarted statistics: keep the last good inverses until new evidence
             if bi in previous:
                 self._state_of(self._blocks[bi])["inverses"] = previous[bi]
-        n = len(pending.flags)
-        results = finish_inversions(self.inverter, pending, values[1:1 + n], self._health, leave_out=set(repaired))
+        results = finish_inversions(self.inverter, pending, values[:n], self._health, leave_out=set(repaired))
         self._store_inverses(results)
-        self._health.sync(stacklevel=4, values=values[1 + n:])
+        self._health.sync(stacklevel=4, values=values[n:])
         return False
 
     def _gradients_finite(self) -> Tensor | None:
@@ -591,17 +597,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not grads or len({t.device for t in grads}) != 1:
             return None
         return finite_flags(grads).all()
-
-    def _repair_and_sync(self, block_ids: Sequence[int]) -> None:
-        """The read of an inversion step with nothing to invert, after its update: repair the
-        state of ``block_ids`` (for the next step) and read the health counters, together."""
-        checks, tensors = self._state_checks(block_ids)
-        counters = self._health.device_tensors()
-        if not tensors and not counters:
-            return
-        values = read_together([finite_flags(tensors) if tensors else None, *counters])
-        self._apply_repairs(checks, tensors, values[0] or [])
-        self._health.sync(stacklevel=4, values=values[1:])
 
     def _inversion_requests(
         self, block_ids: Sequence[int], *, skip: Sequence[int] = ()
@@ -792,7 +787,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
         self._run.step += 1
         if read_after:  # nothing was inverted: the step's one read, after its update
-            self._repair_and_sync(due_inv)
+            self._repair_state(due_inv, sync=True)
 
         # 4. a second evaluation at the new parameters, when the estimator needs it
         if self._evidence.closure:

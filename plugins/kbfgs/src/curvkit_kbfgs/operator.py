@@ -72,8 +72,7 @@ class LBFGSOperator(InverseOperator):
         # M = D + Y Y^T, the one block of C = [[M, -I], [-I, 0]] that is not fixed (saved
         # operators of earlier versions hold the whole (2k, 2k) C: matmul reads its top-left block)
         self._c = middle
-        # C W = (M Z - Y; -Z), so that H V = V + W^T ((C W) V): two products per application
-        self._q = torch.cat([torch.addmm(y, middle, z, alpha=1.0, beta=-1.0), z.neg()])
+        self._cw(self.dtype)  # C W, kept beside W: two products per application
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
@@ -81,7 +80,8 @@ class LBFGSOperator(InverseOperator):
         return state
 
     def _cw(self, dtype: torch.dtype) -> Tensor:
-        """:math:`C W` in ``dtype`` (built from ``W`` and ``M`` when missing: a loaded operator)."""
+        """:math:`C W = (M Z - Y;\ -Z)` in ``dtype``, so that :math:`H V = V + W^\top ((C W) V)`;
+        formed from ``W`` and ``M`` when missing (at construction, or in a loaded operator)."""
         q = getattr(self, "_q", None)  # operators saved before C W was kept have no _q
         if q is None:
             w = self._w
