@@ -154,6 +154,7 @@ def test_accept_pair_rejects_nonpositive_tiny_and_nonfinite_pairs():
     # an infinity where s is zero (0 * inf), in s, or in the reference: not finite, rejected
     inf = float("inf")
     assert not bool(accept_pair(s, torch.tensor([1.0, inf], dtype=D), ref, tol=1e-4))
+    assert not bool(accept_pair(s, torch.tensor([inf, 0.0], dtype=D), ref, tol=1e-4))  # s^T y = inf > rule
     assert not bool(accept_pair(torch.tensor([1.0, -inf], dtype=D), torch.tensor([1.0, 1.0], dtype=D), ref, tol=1e-4))
     assert not bool(accept_pair(s, torch.tensor([1.0, 0.0], dtype=D), torch.tensor([inf, 0.0], dtype=D), tol=0.0))
     assert not bool(accept_pair(s, torch.tensor([1.0, 0.0], dtype=D), torch.tensor([float("nan"), 0.0], dtype=D), tol=0.0))
