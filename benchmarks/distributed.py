@@ -85,172 +85,207 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, repeats: int, dtype_name: str, widths: list[int], queue: Any) -> None:
+def _inverse_work(rank: int, repeats: int, dtype_name: str, widths: list[int]) -> dict[str, Any]:
+    """One rank's inversions and shares (see the module docstring); runs in the process group."""
     import torch.distributed as dist
 
     from curvkit.distributed import TorchDistributed, inverse_cost
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        dtype = getattr(torch, dtype_name)
-        sizes = factor_sizes(widths)
-        factors = [make_factor(i, d, dtype) for i, (_, d) in enumerate(sizes)]
-        inverses = [torch.empty_like(f) for f in factors]
-        distributors = {m: TorchDistributed(share=m) for m in ("all_gather", "all_reduce")}
-        owners = distributors["all_gather"].assign([inverse_cost(d) for _, d in sizes])
-        mine = [i for i, o in enumerate(owners) if o == rank]
-        times: dict[str, list[float]] = {k: [] for k in (
-            "inverse", "share_all_gather", "share_all_reduce", "inverse_cpu", "share_all_gather_cpu", "share_all_reduce_cpu")}
-        for rep in range(repeats + 1):  # the first repetition warms up and is dropped
+    dtype = getattr(torch, dtype_name)
+    sizes = factor_sizes(widths)
+    factors = [make_factor(i, d, dtype) for i, (_, d) in enumerate(sizes)]
+    inverses = [torch.empty_like(f) for f in factors]
+    distributors = {m: TorchDistributed(share=m) for m in ("all_gather", "all_reduce")}
+    owners = distributors["all_gather"].assign([inverse_cost(d) for _, d in sizes])
+    mine = [i for i, o in enumerate(owners) if o == rank]
+    times: dict[str, list[float]] = {k: [] for k in (
+        "inverse", "share_all_gather", "share_all_reduce", "inverse_cpu", "share_all_gather_cpu", "share_all_reduce_cpu")}
+    for rep in range(repeats + 1):  # the first repetition warms up and is dropped
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in mine:
+            torch.cholesky_inverse(torch.linalg.cholesky(factors[i]), out=inverses[i])
+        t1, c1 = time.perf_counter(), time.process_time()
+        shares = {}
+        for method, dd in distributors.items():
+            for i, f in enumerate(inverses):  # a non-owner's buffer holds garbage before share_
+                if owners[i] != rank:
+                    f.fill_(float("nan"))
             dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            for i in mine:
-                torch.cholesky_inverse(torch.linalg.cholesky(factors[i]), out=inverses[i])
-            t1, c1 = time.perf_counter(), time.process_time()
-            shares = {}
-            for method, dd in distributors.items():
-                for i, f in enumerate(inverses):  # a non-owner's buffer holds garbage before share_
-                    if owners[i] != rank:
-                        f.fill_(float("nan"))
-                dist.barrier()
-                s0, sc0 = time.perf_counter(), time.process_time()
-                dd.share_(inverses, owners)
-                shares[method] = (time.perf_counter() - s0, time.process_time() - sc0)
-            if rep:
-                times["inverse"].append(t1 - t0)
-                times["inverse_cpu"].append(c1 - c0)
-                for method, (t, c) in shares.items():
-                    times[f"share_{method}"].append(t)
-                    times[f"share_{method}_cpu"].append(c)
-        # correctness: bit-identical to rank 0, and inverses of their factors
-        flat = torch.cat([f.reshape(-1) for f in inverses])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        identical = bool(torch.equal(flat, ref))
-        residual = max(
-            float((f.double() @ inv.double() - torch.eye(f.shape[0], dtype=torch.float64)).abs().max())
-            for f, inv in zip(factors, inverses)
-        )
-        # the participation check's cost: one small average_ with and without it
-        check_cost = {}
-        for check in (False, True):
-            dd = TorchDistributed(check=check)
-            x = torch.ones(16)
-            for _ in range(5):
-                dd.average_([x])
-            dist.barrier()
-            n = 50
-            t0 = time.perf_counter()
-            for step in range(n):
-                dd.average_([x], call="bench", step=step)
-            check_cost["on" if check else "off"] = (time.perf_counter() - t0) / n
-        queue.put({
-            "rank": rank,
-            "owned": [sizes[i][1] for i in mine],
-            "owned_cost": sum(inverse_cost(sizes[i][1]) for i in mine),
-            "shared_numel": sum(inverses[i].numel() for i in mine),
-            "times": times,
-            "identical_to_rank0": identical,
-            "max_residual": residual,
-            "average_small_s": check_cost,
-        })
-    finally:
-        dist.destroy_process_group()
+            s0, sc0 = time.perf_counter(), time.process_time()
+            dd.share_(inverses, owners)
+            shares[method] = (time.perf_counter() - s0, time.process_time() - sc0)
+        if rep:
+            times["inverse"].append(t1 - t0)
+            times["inverse_cpu"].append(c1 - c0)
+            for method, (t, c) in shares.items():
+                times[f"share_{method}"].append(t)
+                times[f"share_{method}_cpu"].append(c)
+    # correctness: bit-identical to rank 0, and inverses of their factors
+    flat = torch.cat([f.reshape(-1) for f in inverses])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    identical = bool(torch.equal(flat, ref))
+    residual = max(
+        float((f.double() @ inv.double() - torch.eye(f.shape[0], dtype=torch.float64)).abs().max())
+        for f, inv in zip(factors, inverses)
+    )
+    # the participation check's cost: one small average_ with and without it
+    check_cost = {}
+    for check in (False, True):
+        dd = TorchDistributed(check=check)
+        x = torch.ones(16)
+        for _ in range(5):
+            dd.average_([x])
+        dist.barrier()
+        n = 50
+        t0 = time.perf_counter()
+        for step in range(n):
+            dd.average_([x], call="bench", step=step)
+        check_cost["on" if check else "off"] = (time.perf_counter() - t0) / n
+    return {
+        "rank": rank,
+        "owned": [sizes[i][1] for i in mine],
+        "owned_cost": sum(inverse_cost(sizes[i][1]) for i in mine),
+        "shared_numel": sum(inverses[i].numel() for i in mine),
+        "times": times,
+        "identical_to_rank0": identical,
+        "max_residual": residual,
+        "average_small_s": check_cost,
+    }
 
 
-def _step_rank(rank: int, world: int, port: int, setting: str, widths: list[int], batch: int, steps: int,
-               invert_every: int, method: str, queue: Any) -> None:
+def _step_work(rank: int, setting: str, widths: list[int], batch: int, steps: int, invert_every: int,
+               method: str) -> dict[str, Any]:
     """Time ``steps`` full steps of ``method`` (``"TNT"`` or the ``"SGD"`` baseline) on this rank
-    under ``setting`` (``"ddp"`` or ``"fsdp2"``)."""
+    under ``setting`` (``"ddp"`` or ``"fsdp2"``); runs in the process group."""
     import torch.distributed as dist
     from torch import nn
 
     import curvkit
 
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(d_in, d_out), nn.Tanh()]
+    model = nn.Sequential(*layers[:-1])
+    forward: nn.Module = model
+    if setting == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        fully_shard(model)
+    else:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        forward = DDP(model)
+    rows = {"n": 0}
+    if method == "SGD":  # the data-parallel setting's own cost, for comparison
+        opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        opt.update_curvature = lambda *a, **k: False
+    else:
+        opt = curvkit.TNT(model.parameters(), model=model, lr=1e-3, invert_every=invert_every)
+        real = opt.inverter.invert
+
+        def counting(matrices: torch.Tensor, **kw: Any) -> torch.Tensor:
+            rows["n"] += int(matrices.shape[0])
+            return real(matrices, **kw)
+
+        opt.inverter.invert = counting  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(batch, widths[0], generator=g)
+    y = torch.randint(0, widths[-1], (batch,), generator=g)
+
+    def one_step() -> None:
+        out = forward(x)
+        opt.zero_grad()
+        opt.update_curvature(out, loss="cross_entropy")
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+
+    for _ in range(invert_every):  # warm-up: every step before T2 inverts
+        one_step()
+    rows["n"] = 0
+    dist.barrier()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        one_step()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"rank": rank, "step_s": wall / steps, "step_cpu_s": cpu / steps, "inverted_rows": rows["n"]}
+
+
+def _rank_main(rank: int, world: int, port: int, timeout: float, results: Any, work: Any,
+               args: tuple[Any, ...]) -> None:
+    """One forked rank: join the gloo group, run ``work(rank, *args)``, send its result.
+
+    ``work`` is a function of its own so that everything it built is freed when it returns,
+    while the process group is still registered. A DDP model holds a reducer, which holds the
+    group: were the reducer the group's last owner (after ``destroy_process_group``), freeing
+    it would join gloo's worker thread with the GIL held, while that thread may be releasing a
+    finished collective's tensors and waiting for the GIL: the rank would hang. The result goes
+    through a :class:`multiprocessing.SimpleQueue`, written before ``put`` returns (a ``Queue``
+    writes from a feeder thread, which a blocked main thread starves). A rank still running
+    after ``timeout`` seconds prints every thread's stack and exits.
+    """
+    import faulthandler
+
+    import torch.distributed as dist
+
+    faulthandler.dump_traceback_later(timeout, exit=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        layers: list[nn.Module] = []
-        for d_in, d_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(d_in, d_out), nn.Tanh()]
-        model = nn.Sequential(*layers[:-1])
-        forward: nn.Module = model
-        if setting == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
-
-            for m in model:
-                if isinstance(m, nn.Linear):
-                    fully_shard(m)
-            fully_shard(model)
-        else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            forward = DDP(model)
-        rows = {"n": 0}
-        if method == "SGD":  # the data-parallel setting's own cost, for comparison
-            opt: Any = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-            opt.update_curvature = lambda *a, **k: False
-        else:
-            opt = curvkit.TNT(model.parameters(), model=model, lr=1e-3, invert_every=invert_every)
-            real = opt.inverter.invert
-
-            def counting(matrices: torch.Tensor, **kw: Any) -> torch.Tensor:
-                rows["n"] += int(matrices.shape[0])
-                return real(matrices, **kw)
-
-            opt.inverter.invert = counting  # type: ignore[method-assign]
-        g = torch.Generator().manual_seed(rank)
-        x = torch.randn(batch, widths[0], generator=g)
-        y = torch.randint(0, widths[-1], (batch,), generator=g)
-
-        def one_step() -> None:
-            out = forward(x)
-            opt.zero_grad()
-            opt.update_curvature(out, loss="cross_entropy")
-            nn.functional.cross_entropy(out, y).backward()
-            opt.step()
-
-        for _ in range(invert_every):  # warm-up: every step before T2 inverts
-            one_step()
-        rows["n"] = 0
-        dist.barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            one_step()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        queue.put({"rank": rank, "step_s": wall / steps, "step_cpu_s": cpu / steps, "inverted_rows": rows["n"]})
+        results.put(work(rank, *args))
     finally:
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
-def _fork(world: int, target: Any, args: tuple[Any, ...], timeout: float) -> list[dict[str, Any]]:
+def _fork(world: int, work: Any, args: tuple[Any, ...], timeout: float) -> list[dict[str, Any]]:
+    """Run ``work(rank, *args)`` in ``world`` forked gloo ranks; their results, by rank.
+
+    Raises:
+        RuntimeError: a rank exited with an error or sent no result within ``timeout`` seconds
+            (the others are then killed).
+    """
     ctx = mp.get_context("fork")
-    queue = ctx.Queue()
+    results = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, timeout, results, work, args))
+             for r in range(world)]
     for p in procs:
         p.start()
-    results = []
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout + 30  # the ranks' own watchdogs fire first
     try:
-        for _ in range(world):
-            results.append(queue.get(timeout=timeout))
+        while len(got) < world:
+            if not results.empty():
+                got.append(results.get())
+                continue
+            failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode]
+            if failed:
+                raise RuntimeError(f"{world} ranks: rank {failed[0][0]} exited with code {failed[0][1]}")
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world)) - {r["rank"] for r in got})
+                raise RuntimeError(f"{world} ranks: no result from ranks {missing} after {timeout:.0f} s")
+            time.sleep(0.01)
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    bad = [p.exitcode for p in procs if p.exitcode]
+    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode]
     if bad:
-        raise RuntimeError(f"{world} ranks: a rank exited with code {bad[0]}")
-    return sorted(results, key=lambda r: r["rank"])
+        raise RuntimeError(f"{world} ranks: rank {bad[0][0]} exited with code {bad[0][1]}")
+    return sorted(got, key=lambda r: r["rank"])
 
 
 def run_steps(world: int, setting: str, widths: list[int], batch: int, steps: int, invert_every: int,
               timeout: float, method: str = "TNT") -> dict[str, Any]:
     """Full-step times of ``world`` ranks under ``setting`` (see the module docstring)."""
-    ranks = _fork(world, _step_rank, (setting, widths, batch, steps, invert_every, method), timeout)
+    ranks = _fork(world, _step_work, (setting, widths, batch, steps, invert_every, method), timeout)
     return {
         "ranks": world,
         "setting": setting,
@@ -275,25 +310,8 @@ def render_steps(rows: list[dict[str, Any]]) -> str:
 
 
 def run_world(world: int, repeats: int, dtype: str, timeout: float, widths: list[int]) -> list[dict[str, Any]]:
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, repeats, dtype, widths, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = []
-    try:
-        for _ in range(world):
-            results.append(queue.get(timeout=timeout))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    bad = [p.exitcode for p in procs if p.exitcode]
-    if bad:
-        raise RuntimeError(f"{world} ranks: a rank exited with code {bad[0]}")
-    return sorted(results, key=lambda r: r["rank"])
+    """Inversion and share times of ``world`` ranks (see the module docstring)."""
+    return _fork(world, _inverse_work, (repeats, dtype, widths), timeout)
 
 
 def summarise(world: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
