@@ -530,7 +530,7 @@ def share_eigenbases(
     r"""Give every rank the owner's eigenbasis of each factor (*collective*, two buckets).
 
     The eigenbasis counterpart of :meth:`Distributor.share_` for inverters that return
-    :math:`V = Q\,\mathrm{diag}(\lambda)\,Q^	op` as ``(vectors, values)`` (SOAP's
+    :math:`V = Q\,\mathrm{diag}(\lambda)\,Q^\top` as ``(vectors, values)`` (SOAP's
     ``eigenbasis``): each factor is decomposed by its owner only, and every rank gets the owner's
     ``Q`` and :math:`\lambda`, bit for bit.
 

@@ -191,7 +191,7 @@ class TensorNormal(CurvatureEstimator):
         *,
         decay: float | None = None,
     ) -> list[bool | None]:
-        """:meth:`update` for several blocks: the same statistics, with every block's EMA
+        r""":meth:`update` for several blocks: the same statistics, with every block's EMA
         (:math:`S \leftarrow S + w (\hat S - S)`, its trace included) in one
         ``torch._foreach_lerp_`` per dtype and device and every trace from one
         ``torch._foreach_norm``. A subclass that overrides :meth:`update` gets its own

@@ -65,7 +65,7 @@ class KroneckerMode(Preconditioner):
         *,
         gradients: Sequence[Tensor],
     ) -> list[Tensor]:
-        """Blocks of order 1 or 2 whose inverses are dense matrices take the plain matrix
+        r"""Blocks of order 1 or 2 whose inverses are dense matrices take the plain matrix
         products (:math:`V_1 M V_2^\top`); on an accelerator, several of one view shape go
         through one batched ``matmul`` (one kernel launch instead of several; on the CPU the
         stacking copies cost more than the calls they save); the rest (eigenbases, operators,

@@ -80,7 +80,7 @@ class LBFGSOperator(InverseOperator):
         return state
 
     def _cw(self, dtype: torch.dtype) -> Tensor:
-        """:math:`C W = (M Z - Y;\ -Z)` in ``dtype``, so that :math:`H V = V + W^\top ((C W) V)`;
+        r""":math:`C W = (M Z - Y;\ -Z)` in ``dtype``, so that :math:`H V = V + W^\top ((C W) V)`;
         formed from ``W`` and ``M`` when missing (at construction, or in a loaded operator)."""
         q = getattr(self, "_q", None)  # operators saved before C W was kept have no _q
         if q is None:
@@ -101,7 +101,7 @@ class LBFGSOperator(InverseOperator):
         return (self._d, self._d)
 
     def matmul(self, matrix: Tensor) -> Tensor:
-        """``H @ matrix`` for ``matrix`` of shape ``(d, n)`` or ``(d,)``: :math:`V + W^\top ((C W) V)`."""
+        r"""``H @ matrix`` for ``matrix`` of shape ``(d, n)`` or ``(d,)``: :math:`V + W^\top ((C W) V)`."""
         if self._w is None:
             return matrix.clone()
         w = self._w if self._w.dtype == matrix.dtype else self._w.to(matrix.dtype)

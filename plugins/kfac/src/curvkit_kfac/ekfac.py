@@ -327,7 +327,7 @@ class EigenCorrected(Preconditioner):
         gradients: Sequence[Tensor],
         statistics: Sequence[dict[str, Any]] | None = None,
     ) -> list[Tensor]:
-        """Blocks whose two modes are both factored go through batched products
+        r"""Blocks whose two modes are both factored go through batched products
         (:math:`U_G^\top M U_A` for the whole group); the rest one :meth:`apply` each."""
         if statistics is None:
             raise ValueError(_NEEDS_STATISTICS)
