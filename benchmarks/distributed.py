@@ -45,6 +45,7 @@ wall time per step cannot stay flat as ranks are added, and the numbers are to b
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -220,13 +221,14 @@ def _rank_main(rank: int, world: int, port: int, timeout: float, results: Any, w
                args: tuple[Any, ...]) -> None:
     """One forked rank: join the gloo group, run ``work(rank, *args)``, send its result.
 
-    ``work`` is a function of its own so that everything it built is freed when it returns,
-    while the process group is still registered. A DDP model holds a reducer, which holds the
-    group: were the reducer the group's last owner (after ``destroy_process_group``), freeing
-    it would join gloo's worker thread with the GIL held, while that thread may be releasing a
-    finished collective's tensors and waiting for the GIL: the rank would hang. The result goes
-    through a :class:`multiprocessing.SimpleQueue`, written before ``put`` returns (a ``Queue``
-    writes from a feeder thread, which a blocked main thread starves). A rank still running
+    ``work`` is a function of its own so that everything it built is freed when it returns
+    (what sits in reference cycles, by a ``gc.collect()``), while the process group is still
+    registered. A DDP model holds a reducer, which holds the group: were the reducer the group's
+    last owner (after ``destroy_process_group``), freeing it would join gloo's worker thread
+    with the GIL held, while that thread may be releasing a finished collective's tensors and
+    waiting for the GIL: the rank would hang. The result goes through a
+    :class:`multiprocessing.SimpleQueue`, written before ``put`` returns (a ``Queue`` writes
+    from a feeder thread, which a blocked main thread starves). A rank still running
     after ``timeout`` seconds prints every thread's stack and exits.
     """
     import faulthandler
@@ -238,6 +240,7 @@ def _rank_main(rank: int, world: int, port: int, timeout: float, results: Any, w
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results.put(work(rank, *args))
+        gc.collect()  # what work built in reference cycles goes now, while the group is registered
     finally:
         dist.destroy_process_group()
         faulthandler.cancel_dump_traceback_later()

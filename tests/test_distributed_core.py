@@ -81,8 +81,14 @@ def _rank_main(fn, scenario: str, rank: int, world: int, port: int, outdir: Path
     result = fn(rank, world, *[e for e in extra if e != "--no-dist"])
     torch.save(result, outdir / f"{scenario}-{rank}.pt")
     if "--no-dist" not in extra:
+        import gc
+
         import torch.distributed as dist
 
+        # a DDP model the scenario built (in a reference cycle, say) must go while the group is
+        # registered: as the group's last owner its reducer would join gloo's worker thread with
+        # the GIL held, and a worker still releasing a collective's tensors waits for the GIL
+        gc.collect()
         dist.destroy_process_group()
 
 
