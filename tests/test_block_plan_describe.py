@@ -45,3 +45,26 @@ def test_identity_and_default_descriptions():
         describe = curvkit.Preconditioner.describe  # the base class's default: the registered name
 
     assert Mine().describe(opt.blocks[0]) == "kronecker_mode"
+
+
+def test_a_kronecker_mode_subclass_keeps_its_apply_for_every_block():
+    """apply_group's shortcut for dense blocks must not bypass a subclass's apply()."""
+    calls = []
+
+    class Halved(curvkit.KroneckerMode):
+        def apply(self, block, state, direction, inverses, *, gradient):
+            calls.append(block.name)
+            return 0.5 * super().apply(block, state, direction, inverses, gradient=gradient)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    plain = curvkit.compose(model.parameters(), estimator="tensor_normal", preconditioner="kronecker_mode",
+                            inverter="damped_eigen", lr=0.1)
+    blocks = plain.blocks
+    dirs = [torch.randn(b.shape) for b in blocks]
+    invs = [[torch.eye(d) * 2.0 for d in b.shape] for b in blocks]
+    base = curvkit.KroneckerMode().apply_group(blocks, [{}] * len(blocks), dirs, invs, gradients=dirs)
+    mine = Halved().apply_group(blocks, [{}] * len(blocks), dirs, invs, gradients=dirs)
+    assert sorted(calls) == sorted(b.name for b in blocks)
+    for a, b in zip(base, mine):
+        torch.testing.assert_close(b, 0.5 * a)

@@ -80,10 +80,15 @@ class KroneckerMode(Preconditioner):
                 batches[(tuple(d.shape), tuple(v is None for v in inv))].append(i)
             else:
                 out[i] = self.apply(blocks[i], states[i], d, inv, gradient=gradients[i])
+        own_apply = type(self).apply is KroneckerMode.apply  # a subclass's apply() is kept for every block
         for (_, pattern), idx in batches.items():
             if len(idx) == 1 or all(pattern) or directions[idx[0]].device.type == "cpu":
                 for i in idx:
-                    out[i] = _dense_products(directions[i], inverses[i])  # type: ignore[arg-type]
+                    out[i] = (
+                        _dense_products(directions[i], inverses[i])  # type: ignore[arg-type]
+                        if own_apply
+                        else self.apply(blocks[i], states[i], directions[i], inverses[i], gradient=gradients[i])
+                    )
                 continue
             dtype = directions[idx[0]].dtype
             m = torch.stack([directions[i] for i in idx])
