@@ -80,15 +80,10 @@ class KroneckerMode(Preconditioner):
                 batches[(tuple(d.shape), tuple(v is None for v in inv))].append(i)
             else:
                 out[i] = self.apply(blocks[i], states[i], d, inv, gradient=gradients[i])
-        own_apply = type(self).apply is KroneckerMode.apply  # a subclass's apply() is kept for every block
         for (_, pattern), idx in batches.items():
             if len(idx) == 1 or all(pattern) or directions[idx[0]].device.type == "cpu":
                 for i in idx:
-                    out[i] = (
-                        _dense_products(directions[i], inverses[i])  # type: ignore[arg-type]
-                        if own_apply
-                        else self.apply(blocks[i], states[i], directions[i], inverses[i], gradient=gradients[i])
-                    )
+                    out[i] = self.apply(blocks[i], states[i], directions[i], inverses[i], gradient=gradients[i])
                 continue
             dtype = directions[idx[0]].dtype
             m = torch.stack([directions[i] for i in idx])
@@ -105,14 +100,3 @@ class KroneckerMode(Preconditioner):
                 out[i] = r
         return out  # type: ignore[return-value]
 
-
-def _dense_products(m: Tensor, inverses: Sequence[Tensor | None]) -> Tensor:
-    r""":math:`V_1 m` (a vector) or :math:`V_1 m V_2^\top` (a matrix), skipping ``None`` factors; the
-    dense case of :func:`~curvkit.contractions.mode_products` without its dispatch."""
-    dtype = m.dtype
-    v1 = inverses[0]
-    out = m if v1 is None else (v1 if v1.dtype == dtype else v1.to(dtype)) @ m
-    if m.dim() == 1:
-        return out
-    v2 = inverses[1]
-    return out if v2 is None else out @ (v2 if v2.dtype == dtype else v2.to(dtype)).T
