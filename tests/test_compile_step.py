@@ -235,3 +235,27 @@ def test_momentum_of_a_float64_block_next_to_float32_blocks_uses_mu_in_float64()
         opt.step()
     expected = 0.9 * grads[0] + grads[1]
     assert torch.equal(opt.block_state(1)["momentum"], expected)
+
+
+def test_einsum_contractions_of_higher_order_blocks_trace_without_breaks():
+    """Mode products of a 3-way block go through the cached opt_einsum plan, which torch.compile
+    must take as a constant (curvkit marks it without importing torch._dynamo at import time)."""
+    from curvkit.contractions import contraction_plan, mode_gram, mode_products
+
+    def reference_marker(): ...
+
+    torch.compiler.assume_constant_result(reference_marker)
+    assert vars(reference_marker) == {"_dynamo_marked_constant": True}  # what contraction_plan carries
+    assert contraction_plan._dynamo_marked_constant is True
+
+    def direction(g, a, b, c):
+        return mode_products(g, [a, None, c]) + mode_products(g, [None, b, None]), mode_gram(g, 1)
+
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(4, 3, 5, generator=gen)] + [torch.randn(d, d, generator=gen) for d in (4, 3, 5)]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(direction)(*args)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    compiled = torch.compile(direction, backend="eager", fullgraph=True)
+    for got, want in zip(compiled(*args), direction(*args)):
+        torch.testing.assert_close(got, want)

@@ -44,7 +44,6 @@ def _cached_plan(eq: str, shapes: tuple[tuple[int, ...], ...]) -> Plan:
     return tuple((tuple(step[0]), step[2]) for step in info.contraction_list)
 
 
-@torch.compiler.assume_constant_result
 def contraction_plan(eq: str, shapes: tuple[tuple[int, ...], ...]) -> Plan:
     """The opt_einsum pairwise contraction plan of ``eq`` for operand ``shapes`` (cached).
 
@@ -52,6 +51,12 @@ def contraction_plan(eq: str, shapes: tuple[tuple[int, ...], ...]) -> Plan:
     convention), contract them with ``einsum_string`` and append the result.
     """
     return _cached_plan(eq, shapes)
+
+
+# What torch.compiler.assume_constant_result(contraction_plan) does, without the decorator's
+# import of torch._dynamo (about 1.5 s, on every `import curvkit`, compiled or not);
+# tests/test_compile_step.py checks that the decorator still sets exactly this.
+contraction_plan._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def contract(eq: str, *operands: Tensor) -> Tensor:
