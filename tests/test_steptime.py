@@ -189,6 +189,19 @@ def test_quick_run_writes_table_json_and_plot(tmp_path, capsys):
     assert (again / "table.txt").read_text() == (out / "table.txt").read_text()
 
 
+def test_widths_choose_the_model_of_every_measurement(tmp_path):
+    out = tmp_path / "st"
+    code = cli.main(["--quick", "--in-process", "--methods", "SGD-m", "--widths", "12,6,12", "--threads", "1",
+                     "--no-peers", "--no-progress", "--no-plot", "--out", str(out)])
+    assert code == 0
+    payload = json.loads((out / "steptime.json").read_text())
+    assert payload["widths"] == [12, 6, 12]
+    (row,) = payload["table"]
+    assert row["status"] == "ok" and row["floor_ms"] > 0
+    # the state of SGD-m on the 12-6-12 model: one momentum buffer per parameter, 12*6+6+6*12+12 floats
+    assert row["state_mib"] * 2**20 == pytest.approx(4 * (12 * 6 + 6 + 6 * 12 + 12), rel=0.2)
+
+
 def test_worker_in_a_fresh_process_and_its_errors():
     job = {"kind": "case", "case": Case("SGD-m", "baseline", None, "torch").to_dict(), "widths": [8, 4, 8],
            "batch": 4, "threads": 1, "device": "cpu", "warmup": 1, "steps": 2}
@@ -204,6 +217,8 @@ def test_worker_in_a_fresh_process_and_its_errors():
     (["--methods", "Nope"], "'Nope' not available"),
     (["--batch", "0"], "--batch expects positive"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--widths", "64,8"], "--widths must list"),
+    (["--widths", "64,x,64"], "--widths must be comma-separated"),
 ])
 def test_bad_options_exit_2(argv, match, capsys, tmp_path):
     assert cli.main(["--quick", "--no-peers", "--out", str(tmp_path), *argv]) == 2

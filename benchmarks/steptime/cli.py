@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", default="1000,128",
                    help="comma-separated batch sizes (default: %(default)s; --quick: 32)")
+    p.add_argument("--widths", default=None,
+                   help="layer widths of the ReLU autoencoder, comma-separated (default: the MNIST autoencoder "
+                   "784,1000,500,250,30,250,500,1000,784; --quick: 64,32,8,32,64); for example "
+                   "64,128,64,32,8,32,64,128,64, the digits-ae model of python -m benchmarks")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every measurement (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 3; --quick: 1)")
@@ -112,6 +116,19 @@ def _batches(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise ValueError(f"--batch expects positive integers such as 1000,128, got {text!r}")
     return values
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        widths = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise ValueError(f"--widths must be comma-separated integers, got {text!r}") from None
+    if len(widths) < 2 or any(w < 1 for w in widths) or widths[0] != widths[-1]:
+        raise ValueError(
+            f"--widths must list at least two positive widths of an autoencoder, the last equal to the first "
+            f"(its targets are its inputs), got {text!r}: for example 64,128,64,32,8,32,64,128,64"
+        )
+    return widths
 
 
 def interleave(jobs: Sequence[Any], rounds: int) -> list[tuple[int, Any]]:
@@ -388,7 +405,7 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
         raise ValueError(f"--rounds and --reps must be >= 1, got {rounds} and {reps}")
     batches = _batches(args.batch if not (quick and args.batch == "1000,128") else "32")
     schedules = parse_schedules(args.schedules) if args.schedules else list(QUICK_SCHEDULES if quick else PAPER_SCHEDULES)
-    widths = list(QUICK_WIDTHS if quick else MNIST_WIDTHS)
+    widths = _widths(args.widths) if args.widths else list(QUICK_WIDTHS if quick else MNIST_WIDTHS)
     all_cases, notes, not_installed = discover_cases(schedules, peers=not args.no_peers)
     cases = _select(all_cases, args.methods)
     out_dir = Path(args.out) if args.out else _REPO / "benchmarks" / "results" / "steptime"
