@@ -241,3 +241,47 @@ def test_statistics_inside_autocast_are_computed_in_float32_exactly():
     for ba, bb in zip(a.blocks, b.blocks):
         for ga, gb in zip(a.block_state(ba)["estimator"]["grams"], b.block_state(bb)["estimator"]["grams"]):
             assert ga.dtype == torch.float32 and torch.equal(ga, gb)
+
+
+def test_the_finiteness_norms_reach_the_estimator_and_keep_its_statistics_exact():
+    """The feed hands each block the squared norm its finiteness check computed (0 where the
+    evidence is not finite); TNT's trace EMA uses it and matches the trace from the gradients."""
+    from curvkit.interfaces import BlockEvidence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = curvkit.TNT(model, lr=0.1, invert_every=1)
+    seen: list[list[BlockEvidence]] = []
+    original = opt.estimator.update_group
+
+    def spy(blocks, states, evidence, **kw):
+        seen.append(list(evidence))
+        return original(blocks, states, evidence, **kw)
+
+    opt.estimator.update_group = spy
+    x = torch.randn(8, 5)
+    for t in range(2):
+        before = [opt.block_state(i)["estimator"]["trace"].clone() for i in range(4)]
+        out = model(x)
+        opt.zero_grad()
+        opt.update_curvature(out, loss="cross_entropy")
+        if t == 1:  # non-finite sampled evidence for the first weight
+            pending = opt._collector._pending
+            pending[id(model[0].weight)][0, 0] = float("nan")
+        nn.functional.cross_entropy(out, torch.zeros(8, dtype=torch.long)).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()  # an inversion step: its one host read brings the count and the warning
+        assert any("non-finite curvature evidence" in str(w.message) for w in caught) == (t == 1)
+    first, second = seen
+    for ev in first:
+        (g,) = ev.gradients
+        torch.testing.assert_close(ev.squared_norm, g.pow(2).sum(), rtol=1e-6, atol=0)
+    assert second[0].squared_norm == 0 and not bool(second[0].valid)
+    assert torch.equal(opt.block_state(0)["estimator"]["trace"], before[0])  # invalid: unchanged
+    for i in (1, 2, 3):  # valid: EMA of ||g||^2 with the preset's decay
+        state = opt.block_state(i)["estimator"]
+        (g,) = second[i].gradients
+        decay = opt.estimator.config.stat_decay
+        torch.testing.assert_close(state["trace"], decay * before[i] + (1 - decay) * g.pow(2).sum())
+    assert opt.health()[opt.blocks[0].name]["skipped_nonfinite_evidence"] == 1

@@ -88,7 +88,7 @@ class EvidenceSpec:
 
 @dataclass
 class BlockEvidence:
-    """The evidence for one block on one statistics update.
+    r"""The evidence for one block on one statistics update.
 
     Attributes:
         gradients: one gradient per parameter of the block (sampled or minibatch, as the
@@ -101,12 +101,17 @@ class BlockEvidence:
             statistics exactly unchanged for invalid evidence without reading the flag on the
             host (``torch.where`` / ``lerp`` with a 0 weight); one that ignores it folds zero
             evidence in. ``None`` means valid.
+        squared_norm: the squared Frobenius norm :math:`\lVert g \rVert_F^2` of the block's one
+            gradient, a 0-d tensor in its dtype, as the finiteness check computed it (0 where
+            ``valid`` is ``False``); ``None`` when the block has several gradients or the check
+            computed no norm. An estimator may use it instead of reducing the gradient again.
     """
 
     gradients: list[Tensor | None]
     layer: "LayerRecorder | None" = None
     batch_size: int | None = None
     valid: Tensor | None = None
+    squared_norm: Tensor | None = None
 
 
 class Factor(NamedTuple):

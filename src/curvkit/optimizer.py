@@ -33,7 +33,8 @@ from ._tree import tensors_in
 from .blocks import Block, BlockPlan
 from .config import check_choice, check_positive_int
 from .engine import checkpoint
-from .engine.evidence import EvidenceCollector, finite_flags
+from .engine.evidence import EvidenceCollector
+from .engine.finite import finite_flags
 from .engine.health import MESSAGES, HealthMonitor, read_together
 from .engine.params import GROUP_OPTIONS, check_parameter, normalise_params, validate_group_options
 from .engine.runstate import RunState
@@ -391,7 +392,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _apply_repairs(self, checks: Sequence[tuple[int, str]], tensors: Sequence[Tensor], flags: Sequence[int]) -> list[int]:
         """Restart the statistics and reset the momentum that ``flags`` (the host values of
-        :func:`~curvkit.engine.evidence.finite_flags` of ``tensors``) say are not finite (a
+        :func:`~curvkit.engine.finite.finite_flags` of ``tensors``) say are not finite (a
         tensor whose norm merely overflowed is confirmed entry by entry); the ids repaired."""
         bad = {
             (bi, what) for (bi, what), ok, t in zip(checks, flags, tensors)

@@ -40,33 +40,14 @@ from ..blocks import Block
 from ..fisher import LossSpec, sampled_loss
 from ..hooks import LayerRecorder
 from ..interfaces import BlockEvidence, CurvatureEstimator, Source
+from .finite import finite_flags, finite_norms
 from .health import HealthMonitor, index_tensor
 from .runstate import RunState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..distributed import Distributor
 
-__all__ = ["EvidenceCollector", "finite_flags"]
-
-
-def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
-    """One bool per tensor, ``True`` where every entry is finite (fused norms, no host read).
-
-    A norm overflows to ``inf`` only for entries beyond ~1e19 (float32), which count as faults.
-    """
-    if not tensors:
-        return torch.ones(0, dtype=torch.bool)
-    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, t in enumerate(tensors):
-        buckets.setdefault((t.dtype, t.device), []).append(i)
-    if len(buckets) == 1:
-        return torch.isfinite(torch.stack(torch._foreach_norm(list(tensors))))
-    device = tensors[0].device
-    out = torch.ones(len(tensors), dtype=torch.bool, device=device)
-    for idx in buckets.values():
-        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx]))
-        out[index_tensor(idx, device)] = torch.isfinite(norms).to(device)
-    return out
+__all__ = ["EvidenceCollector"]
 
 
 class EvidenceCollector:
@@ -436,8 +417,9 @@ class EvidenceCollector:
         evid = [[grads_by_param.get(id(p)) for p in b.params] for b in blocks]
         present = [(i, g) for i, gl in enumerate(evid) for g in gl if g is not None]
         valid: Sequence[Tensor | None] = [None] * len(blocks)
+        squared: list[Tensor | None] = [None] * len(blocks)
         if present:
-            flags = finite_flags([g for _, g in present])
+            flags, norms = finite_norms([g for _, g in present])
             if self.nonfinite == "raise":
                 bad = (~flags).tolist()
                 for (i, _), b in zip(present, bad):
@@ -448,6 +430,10 @@ class EvidenceCollector:
             owners = [i for i, _ in present]
             if len(set(owners)) == len(owners):  # one tensor per block (the common case): no combining
                 ok, ids = flags, owners
+                if norms is not None:  # the squared norms, 0 where not finite, for the estimator
+                    zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
+                    for i, sq in zip(owners, torch.where(flags, norms * norms, zero).unbind(0)):
+                        squared[i] = sq
             else:
                 per_block: dict[int, Tensor] = {}
                 for j, i in enumerate(owners):
@@ -468,8 +454,8 @@ class EvidenceCollector:
         layer = self.recorder
         with _no_autocast(blocks):
             fed = [
-                (bi, b, BlockEvidence(gradients=gl, layer=layer, batch_size=batch_size, valid=v))
-                for bi, b, gl, v in zip(block_ids, blocks, evid, valid)
+                (bi, b, BlockEvidence(gradients=gl, layer=layer, batch_size=batch_size, valid=v, squared_norm=sq))
+                for bi, b, gl, v, sq in zip(block_ids, blocks, evid, valid, squared)
                 if self.spec.layer_io or any(g is not None for g in gl)
             ]
             results = self.estimator.update_group(

@@ -37,6 +37,7 @@ from torch import Tensor
 from ..blocks import Block
 from ..estimators.tensor_normal import statistics_dtype
 from ..interfaces import Preconditioner
+from .finite import finite_flags
 from .health import HealthMonitor, index_tensor
 
 __all__ = ["UpdatePlan", "UpdateRule", "update_step"]
@@ -64,23 +65,6 @@ def _zeros_like_scalars(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, to
     """One 0-d zero per dtype and device of ``tensors``, shared by the masks of a phase:
     ``torch.where(ok, x, 0.0)`` would build a scalar tensor per call."""
     return {key: torch.zeros((), dtype=key[0], device=key[1]) for key in {(t.dtype, t.device) for t in tensors}}
-
-
-def _finite(tensors: Sequence[Tensor]) -> Tensor:
-    """One bool per tensor, ``True`` where every entry is finite: one fused ``_foreach_norm`` per
-    dtype and device (the values of :func:`curvkit.engine.evidence.finite_flags`, in a form
-    ``torch.compile`` traces without side effects)."""
-    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, t in enumerate(tensors):
-        buckets.setdefault((t.dtype, t.device), []).append(i)
-    if len(buckets) == 1:
-        return torch.isfinite(torch.stack(torch._foreach_norm(list(tensors))))
-    device = tensors[0].device
-    flags: list[Tensor | None] = [None] * len(tensors)
-    for idx in buckets.values():
-        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx])):
-            flags[i] = torch.isfinite(n).to(device)
-    return torch.stack(flags)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +110,7 @@ def gradient_views(plan: UpdatePlan, params: Sequence[Sequence[Tensor]], grads: 
             gs = [torch.zeros_like(p) if g is None else g for p, g in zip(ps, gs)]
         v = b.to_view(gs)
         views.append(v if v.dtype == w else v.to(w))
-    ok_g = _finite(views)
+    ok_g = finite_flags(views)
     zero = _zeros_like_scalars(views)
     return ok_g, [torch.where(ok, g, zero[(g.dtype, g.device)]) for ok, g in zip(ok_g.unbind(0), views)]
 
@@ -179,7 +163,7 @@ def directions_of(
         )
         for i, d in zip(idx, outs):
             directions[i] = d
-    return directions, _finite(directions)  # type: ignore[return-value,arg-type]
+    return directions, finite_flags(directions)  # type: ignore[return-value,arg-type]
 
 
 def apply_update(

@@ -194,12 +194,13 @@ class TensorNormal(CurvatureEstimator):
         r""":meth:`update` for several blocks: the same statistics, with every block's EMA
         (:math:`S \leftarrow S + w (\hat S - S)`, its trace included) in one
         ``torch._foreach_lerp_`` per dtype and device and every trace from one
-        ``torch._foreach_norm``. A subclass that overrides :meth:`update` gets its own
-        :meth:`update` per block."""
+        ``torch._foreach_norm`` (or from :attr:`~curvkit.BlockEvidence.squared_norm`, the
+        finiteness check's norms, where every block of the dtype has one in the statistics'
+        dtype). A subclass that overrides :meth:`update` gets its own :meth:`update` per block."""
         if self.config.estimate == "kl" or len(blocks) < 2 or type(self).update is not TensorNormal.update:
             # a subclass that overrides update() keeps its own rule for every block
             return super().update_group(blocks, states, evidence, decay=decay)
-        buckets: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, dict[str, Any], float, Tensor | None]]] = {}
+        buckets: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, dict[str, Any], float, Tensor | None, Tensor | None]]] = {}
         for block, state, ev in zip(blocks, states, evidence):
             grads = ev.gradients
             if all(g is None for g in grads):
@@ -211,15 +212,19 @@ class TensorNormal(CurvatureEstimator):
             if g.dtype != trace.dtype:
                 g = g.to(trace.dtype)
             d = decay if decay is not None else (0.0 if state["updates"] == 0 else self.config.stat_decay)
-            buckets.setdefault((trace.dtype, trace.device), []).append((g, state, 1.0 - d, ev.valid))
+            sq = ev.squared_norm if ev.squared_norm is not None and ev.squared_norm.dtype == trace.dtype else None
+            buckets.setdefault((trace.dtype, trace.device), []).append((g, state, 1.0 - d, ev.valid, sq))
             state["updates"] += 1
         for (dtype, device), members in buckets.items():
             views = [m[0] for m in members]
             targets: list[Tensor] = [m[1]["trace"] for m in members]
-            norms = torch._foreach_norm(views)
-            news: list[Tensor] = list(torch._foreach_mul(norms, norms))  # ||G||^2, the new trace
+            if all(m[4] is not None for m in members):  # ||G||^2, the new trace
+                news: list[Tensor] = [m[4] for m in members]  # type: ignore[misc]
+            else:
+                norms = torch._foreach_norm(views)
+                news = list(torch._foreach_mul(norms, norms))
             owner = list(range(len(members)))  # the member each statistic belongs to
-            for j, (g, state, _, _) in enumerate(members):
+            for j, (g, state, _, _, _) in enumerate(members):
                 for i, stat in enumerate(state["grams"]):
                     if stat is not None:
                         targets.append(stat)
