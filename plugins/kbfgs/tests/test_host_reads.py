@@ -40,3 +40,19 @@ def test_no_host_reads_in_steady_state_steps(preset):
     assert counter.count == 0, counter.where
     st = opt.block_state(0)["estimator"]
     assert int(st["counts"]["g_pairs"] + st["counts"]["g_skipped"]) == 8  # the steps did fold pairs
+
+
+@pytest.mark.parametrize("preset", [KBFGS, KBFGSL], ids=["KBFGS", "KBFGS_L"])
+def test_the_presets_check_the_state_every_20_steps_and_read_nothing_in_between(preset):
+    """With the presets' defaults, the whole step (engine included) reads the host once per 20
+    steps: the direction needs no inversion, only the periodic state check reads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = preset(model, lr=0.05)
+    assert opt.param_groups[0]["invert_every"] == 20
+    xs = [torch.randn(10, 6) for _ in range(24)]
+    ys = [torch.randint(0, 3, (10,)) for _ in range(24)]
+    _steps(model, opt, xs[:21], ys[:21])  # steps 0..20 (the check at 20 included)
+    with count_host_reads() as counter:
+        _steps(model, opt, xs[21:], ys[21:])  # steps 21, 22, 23
+    assert counter.count == 0, counter.where

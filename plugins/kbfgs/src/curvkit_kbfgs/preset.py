@@ -83,7 +83,7 @@ def KBFGS(
     unsupported: str = "fallback",
     memory: int | None = None,
     curvature_every: int = 1,
-    invert_every: int = 1,
+    invert_every: int = 20,
     max_factor_dim: int | None = 4096,
     **options: Any,
 ) -> CurvatureOptimizer:
@@ -99,9 +99,13 @@ def KBFGS(
         memory: ``None`` keeps :math:`H_g` as a dense matrix (K-BFGS); an integer keeps the last
             ``memory`` pairs as an L-BFGS operator (K-BFGS(L), :func:`KBFGSL`).
         curvature_every, invert_every, max_factor_dim: options of
-            :class:`curvkit.CurvatureOptimizer` (``curvature_every`` schedules the ``A``
-            statistics, ``invert_every`` how often the direction picks up the current
-            :math:`H_g, H_a`).
+            :class:`curvkit.CurvatureOptimizer`. ``curvature_every`` schedules the ``A``
+            statistics. The direction uses the current :math:`H_g, H_a` at every step (they are
+            the inverses, kept up to date by the BFGS updates; nothing is inverted but
+            :math:`A + \sqrt\lambda I`, once), so ``invert_every`` sets only the period of the
+            state check: one host read that restarts non-finite statistics or momentum and reads
+            the health counters (:meth:`curvkit.CurvatureOptimizer.health`). Every step in
+            between reads nothing on the host (faults there are masked and counted on the device).
         stat_decay, pair_decay, powell, lm, skip_tol, unsupported: options of
             :class:`curvkit_kbfgs.KBFGSEstimator` (see :class:`curvkit_kbfgs.KBFGSConfig`).
         options: any other option of :class:`curvkit.CurvatureOptimizer` (``nonfinite``,
@@ -119,8 +123,8 @@ def KBFGS(
 
 @register("method", "KBFGS_L")
 def KBFGSL(model_or_params: nn.Module | Iterable[Any], *, memory: int = 100, **options: Any) -> CurvatureOptimizer:
-    r"""K-BFGS(L): as :func:`KBFGS` with :math:`H_g` an L-BFGS operator of the last ``memory``
-    pairs (100 in the paper), materialised when the direction needs it.
+    r"""K-BFGS(L): as :func:`KBFGS` with :math:`H_g` the L-BFGS operator of the last ``memory``
+    pairs (100 in the paper), applied by the two-loop recursion (never a dense matrix).
 
     Args:
         memory: the number of pairs kept per layer.
