@@ -194,7 +194,7 @@ class TensorNormal(CurvatureEstimator):
         r""":meth:`update` for several blocks: the same statistics, with every block's EMA
         (:math:`S \leftarrow S + w (\hat S - S)`, its trace included) in one
         ``torch._foreach_lerp_`` per dtype and device and every trace from one
-        ``torch._foreach_norm`` (or from :attr:`~curvkit.BlockEvidence.squared_norm`, the
+        ``torch._foreach_norm`` (or from the ``squared_norm`` of :class:`~curvkit.BlockEvidence`, the
         finiteness check's norms, where every block of the dtype has one in the statistics'
         dtype). A subclass that overrides :meth:`update` gets its own :meth:`update` per block."""
         if self.config.estimate == "kl" or len(blocks) < 2 or type(self).update is not TensorNormal.update:
