@@ -285,3 +285,28 @@ def test_the_finiteness_norms_reach_the_estimator_and_keep_its_statistics_exact(
         decay = opt.estimator.config.stat_decay
         torch.testing.assert_close(state["trace"], decay * before[i] + (1 - decay) * g.pow(2).sum())
     assert opt.health()[opt.blocks[0].name]["skipped_nonfinite_evidence"] == 1
+
+
+def test_an_estimator_that_does_not_ask_for_squared_norms_gets_none():
+    """The feed forms the squared norms only for an estimator whose EvidenceSpec asks (TNT's
+    KL estimate does not read them)."""
+    from curvkit.interfaces import BlockEvidence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = curvkit.TNT_KL(model, lr=0.1)
+    assert not opt.evidence.squared_norms and curvkit.TNT(model).evidence.squared_norms
+    seen: list[BlockEvidence] = []
+    original = opt.estimator.update_group
+
+    def spy(blocks, states, evidence, **kw):
+        seen.extend(evidence)
+        return original(blocks, states, evidence, **kw)
+
+    opt.estimator.update_group = spy
+    out = model(torch.randn(8, 5))
+    opt.zero_grad()
+    opt.update_curvature(out, loss="cross_entropy")
+    nn.functional.cross_entropy(out, torch.zeros(8, dtype=torch.long)).backward()
+    opt.step()
+    assert len(seen) == 4 and all(ev.squared_norm is None and ev.gradients[0] is not None for ev in seen)

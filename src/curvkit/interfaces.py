@@ -77,6 +77,9 @@ class EvidenceSpec:
             A ``layer_io`` estimator that only needs layer inputs and output gradients (KFAC)
             sets it ``False``, and the sampled backward then differentiates with respect to the
             recorded layer outputs only (no weight-gradient GEMMs).
+        squared_norms: the estimator reads ``BlockEvidence.squared_norm`` (the squared norms
+            that the finiteness check of the evidence computes anyway); off by default, so the
+            feed forms them only for an estimator that uses them.
     """
 
     source: Source = Source.SAMPLED
@@ -84,6 +87,7 @@ class EvidenceSpec:
     closure: bool = False
     layer_outputs: bool = False
     parameter_gradients: bool = True
+    squared_norms: bool = False
 
 
 @dataclass
@@ -104,7 +108,8 @@ class BlockEvidence:
         squared_norm: the squared Frobenius norm :math:`\lVert g \rVert_F^2` of the block's one
             gradient, a 0-d tensor in its dtype, as the finiteness check computed it (0 where
             ``valid`` is ``False``); ``None`` when the block has several gradients or the check
-            computed no norm. An estimator may use it instead of reducing the gradient again.
+            computed no norm, or the estimator's :class:`EvidenceSpec` did not ask for it
+            (``squared_norms``). An estimator may use it instead of reducing the gradient again.
     """
 
     gradients: list[Tensor | None]

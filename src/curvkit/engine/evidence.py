@@ -430,7 +430,7 @@ class EvidenceCollector:
             owners = [i for i, _ in present]
             if len(set(owners)) == len(owners):  # one tensor per block (the common case): no combining
                 ok, ids = flags, owners
-                if norms is not None:  # the squared norms, 0 where not finite, for the estimator
+                if norms is not None and self.spec.squared_norms:  # 0 where not finite
                     zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
                     for i, sq in zip(owners, torch.where(flags, norms * norms, zero).unbind(0)):
                         squared[i] = sq

@@ -121,7 +121,8 @@ class TensorNormal(CurvatureEstimator):
     @property
     def evidence(self) -> EvidenceSpec:
         source = Source.SAMPLED if self.config.evidence == "sampled" else Source.MINIBATCH
-        return EvidenceSpec(source=source)
+        # the traces of the grouped update read the evidence's squared norms (not the KL estimate)
+        return EvidenceSpec(source=source, squared_norms=self.config.estimate != "kl")
 
     def init_state(self, block: Block) -> dict[str, Any]:
         ref = block.params[0]
