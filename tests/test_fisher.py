@@ -78,3 +78,44 @@ def test_callable_loss_and_errors():
         sampled_loss(z, "hinge")
     with pytest.raises(ValueError, match="reduction"):
         sampled_loss(z, "mse", reduction="avg")
+
+
+_CLOSED_FORM_CASES = [
+    ("cross_entropy", (6, 4), {}),
+    ("cross_entropy", (3, 5, 4), {"class_dim": -1}),
+    ("cross_entropy", (3, 5, 4), {"class_dim": 1, "reduction": "sum"}),
+    ("cross_entropy", (2, 4, 3, 2), {"reduction": "mean"}),
+    ("bce_with_logits", (6, 5), {}),
+    ("bce_with_logits", (6, 5), {"reduction": "mean"}),
+    ("mse", (6, 3), {}),
+    ("mse", (6, 3), {"reduction": "sum"}),
+]
+
+
+@pytest.mark.parametrize("loss,shape,options", _CLOSED_FORM_CASES, ids=lambda v: str(v))
+def test_closed_form_output_gradient_equals_the_sampled_loss_gradient(loss, shape, options):
+    from curvkit.fisher import sampled_output_gradient
+
+    z = (3 * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
+    value = sampled_loss(z, loss, generator=torch.Generator().manual_seed(7), **options)
+    (reference,) = torch.autograd.grad(value, z)
+    seed = sampled_output_gradient(z, loss, generator=torch.Generator().manual_seed(7), **options)
+    assert seed.dtype == z.dtype and seed.shape == z.shape and seed.grad_fn is None
+    torch.testing.assert_close(seed, reference, rtol=1e-12, atol=1e-15)
+
+
+def test_closed_form_output_gradient_keeps_non_finite_outputs_non_finite_and_checks_its_input():
+    from curvkit.fisher import sampled_output_gradient
+
+    z = torch.randn(4, 3)
+    z[1, 2] = float("nan")
+    for loss in ("cross_entropy", "bce_with_logits", "mse"):
+        seed = sampled_output_gradient(z, loss, generator=torch.Generator().manual_seed(0))
+        assert not torch.isfinite(seed[1]).all() and torch.isfinite(seed[[0, 2, 3]]).all(), loss
+    assert sampled_output_gradient(z, lambda out, gen: out.sum()) is None  # a sampler defines its own loss
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        sampled_output_gradient(z, "mse", reduction="avg")
+    with pytest.raises(ValueError, match="class_dim"):
+        sampled_output_gradient(z, "mse", class_dim=-1)
+    with pytest.raises(ValueError, match="batch dimension"):
+        sampled_output_gradient(torch.tensor(1.0), "mse")

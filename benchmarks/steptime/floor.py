@@ -13,10 +13,12 @@ the piece). The pieces:
 ``backward``
     ``loss.backward()`` of that graph.
 ``sampled_backward_params``
-    draw Bernoulli targets from the model's own predictions, the sampled loss, and
-    ``torch.autograd.grad`` with respect to every parameter (TNT's true-Fisher evidence).
+    draw Bernoulli targets from the model's own predictions and backpropagate the sampled
+    loss's gradient in the outputs, :math:`(\sigma(z) - y)/N` in closed form, with
+    ``torch.autograd.grad`` with respect to every parameter (TNT's true-Fisher evidence; what
+    :func:`curvkit.fisher.sampled_output_gradient` gives the optimizers).
 ``sampled_backward_outputs``
-    the same draw and loss, differentiated with respect to the layers' outputs only (all KFAC
+    the same draw and gradient, backpropagated with respect to the layers' outputs only (all KFAC
     needs: its ``G`` factors are Grams of output gradients; no weight-gradient products).
 ``grams_params``
     the mode Grams of every parameter gradient folded into an EMA in place, one ``addmm_`` (or
@@ -68,7 +70,6 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..problems import bce_sum
@@ -183,10 +184,13 @@ def _linear_forward(model: nn.Sequential, x: Tensor) -> tuple[Tensor, list[Tenso
     return h, inputs, outputs
 
 
-def _sampled_loss(out: Tensor) -> Tensor:
+def _sampled_seed(out: Tensor) -> Tensor:
+    """The sampled BCE loss's gradient in the outputs, :math:`(\\sigma(z) - y) / N` with
+    :math:`y \\sim \\mathrm{Bernoulli}(\\sigma(z))` (what the optimizers backpropagate, in closed form)."""
     with torch.no_grad():
-        target = torch.bernoulli(torch.sigmoid(out))
-    return F.binary_cross_entropy_with_logits(out, target, reduction="sum") / out.shape[0]
+        probs = torch.sigmoid(out)
+        target = (torch.rand_like(probs) < probs).to(probs.dtype)
+        return (probs - target) / out.shape[0]
 
 
 def _stack_by_size(sizes: Sequence[int], device: torch.device, dtype: torch.dtype) -> dict[int, Tensor]:
@@ -248,9 +252,9 @@ def measure_pieces(model: nn.Sequential, x: Tensor, y: Tensor, *, reps: int = 5,
 
     record("backward", lambda loss: loss.backward(), fresh_loss)
     record("sampled_backward_params",
-           lambda out: torch.autograd.grad(_sampled_loss(out), params, retain_graph=True), lambda: model(x))
+           lambda out: torch.autograd.grad(out, params, _sampled_seed(out), retain_graph=True), lambda: model(x))
     record("sampled_backward_outputs",
-           lambda f: torch.autograd.grad(_sampled_loss(f[0]), f[2], retain_graph=True), lambda: _linear_forward(model, x))
+           lambda f: torch.autograd.grad(f[0], f[2], _sampled_seed(f[0]), retain_graph=True), lambda: _linear_forward(model, x))
     clear_grads()
 
     # --- statistics (each piece below runs after an untimed pass through the model: after_pass)

@@ -231,7 +231,7 @@ class LayerRecorder:
         """Whether the hooks are still installed (``False`` after :meth:`remove`)."""
         return self._finalizer.alive
 
-    def differentiate(self, value: Tensor) -> None:
+    def differentiate(self, value: Tensor, seed: Tensor | None = None) -> None:
         r"""Backward of ``value`` to the recorded layer outputs of the current forward only.
 
         Files :math:`\partial\,\mathrm{value} / \partial s` of every recorded call under the current
@@ -240,21 +240,30 @@ class LayerRecorder:
         user's own backward; the held outputs are dropped afterwards.
 
         Args:
-            value: a scalar with a graph through the recorded outputs (the sampled loss).
+            value: a scalar with a graph through the recorded outputs (the sampled loss), or,
+                with ``seed``, a tensor with a graph (the model's outputs).
+            seed: the gradient of the scalar in ``value`` (same shape), e.g.
+                :func:`~curvkit.fisher.sampled_output_gradient`; ``None`` for a scalar ``value``.
 
         Raises:
-            ValueError: if ``value`` is not a scalar tensor with a graph.
+            ValueError: if ``value`` is not a tensor with a graph, is not a scalar without
+                ``seed``, or does not have ``seed``'s shape.
         """
-        if not isinstance(value, Tensor) or value.numel() != 1 or value.grad_fn is None:
+        scalar = isinstance(value, Tensor) and value.numel() == 1
+        if not isinstance(value, Tensor) or value.grad_fn is None or (seed is None and not scalar):
             raise ValueError(
                 f"differentiate needs a scalar tensor with an autograd graph (the loss of the current "
-                f"forward), got {type(value).__name__}"
+                f"forward), or a tensor with a graph and its seed gradient, got {type(value).__name__}"
                 + (f" of shape {tuple(value.shape)}" if isinstance(value, Tensor) else "")
+            )
+        if seed is not None and seed.shape != value.shape:
+            raise ValueError(
+                f"differentiate: seed of shape {tuple(seed.shape)} does not match value of shape {tuple(value.shape)}"
             )
         live, self._live = self._live, []
         if not live:
             return
-        grads = torch.autograd.grad(value, [out for _, _, out in live], retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(value, [out for _, _, out in live], seed, retain_graph=True, allow_unused=True)
         phase = self._phase
         for (record, index, _), grad in zip(live, grads):
             if grad is not None:

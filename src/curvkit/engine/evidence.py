@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .._tree import tensors_in
 from ..blocks import Block
-from ..fisher import LossSpec, sampled_loss
+from ..fisher import LossSpec, sampled_loss, sampled_output_gradient
 from ..hooks import LayerRecorder
 from ..interfaces import BlockEvidence, CurvatureEstimator, Source
 from .finite import finite_flags, finite_norms
@@ -187,17 +187,17 @@ class EvidenceCollector:
                 "update_curvature was already called for this forward pass: call it once per forward "
                 "(micro-batch) before its backward; several micro-batches before one step() accumulate"
             )
-        value = sampled_loss(outputs, loss, reduction=reduction, generator=self.generator(outputs.device), **loss_options)
+        root, seed = _sampled_root(outputs, loss, reduction, self.generator(outputs.device), loss_options)
         batch = int(outputs.shape[0]) if outputs.dim() > 0 else 1
         try:
             with self.estimator.capture(), self.phase("sampled"):
                 if self.spec.layer_io and not self.spec.parameter_gradients and hasattr(self.recorder, "differentiate"):
-                    self.recorder.differentiate(value)
+                    self.recorder.differentiate(root) if seed is None else self.recorder.differentiate(root, seed)
                     grads: Sequence[Tensor | None] = [None] * len(params)
                 elif self.sharding is not None:  # FSDP2: stashed backward, gradient of batch * value
-                    grads = self.sharding.sampled_gradients(value, params, batch, protect=self._all_params())
+                    grads = self.sharding.sampled_gradients(root, params, batch, protect=self._all_params(), seed=seed)
                 else:
-                    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+                    grads = torch.autograd.grad(root, params, seed, retain_graph=True, allow_unused=True)
         except RuntimeError as exc:
             if "second time" in str(exc) or "freed" in str(exc):
                 raise RuntimeError(
@@ -516,15 +516,14 @@ class EvidenceCollector:
                 break
             with torch.enable_grad():
                 out = forward(batch)
-                value = (
-                    sampled_loss(out, loss, reduction=reduction, generator=self.generator(out.device), **loss_options)
-                    if sampled else out
+                root, seed = (
+                    _sampled_root(out, loss, reduction, self.generator(out.device), loss_options) if sampled else (out, None)
                 )
                 with self.estimator.capture(), self.phase("sampled" if sampled else "minibatch"):
                     if self.sharding is not None:  # FSDP2: rank-averaged through a stashed backward
-                        grads = self.sharding.sampled_gradients(value, params, 1)
+                        grads = self.sharding.sampled_gradients(root, params, 1, seed=seed)
                     else:
-                        grads = torch.autograd.grad(value, params, allow_unused=True)
+                        grads = torch.autograd.grad(root, params, seed, allow_unused=True)
             self.feed(all_ids, {id(p): g for p, g in zip(params, grads)}, decay=n / (n + 1),
                       averaged=self.sharding is not None and not self.spec.layer_io)
             n += 1
@@ -544,3 +543,15 @@ def _no_autocast(blocks: Sequence[Block]):
     except TypeError:  # older signature without a device type
         enabled = torch.is_autocast_enabled()
     return torch.autocast(device_type=device_type, enabled=False) if enabled else nullcontext()
+
+
+def _sampled_root(
+    outputs: Tensor, loss: LossSpec, reduction: str | None, generator: torch.Generator, options: dict[str, Any]
+) -> tuple[Tensor, Tensor | None]:
+    """``(root, seed)`` of the sampled backward: the outputs and the sampled loss's gradient in
+    them (closed form, :func:`~curvkit.fisher.sampled_output_gradient`) for a named likelihood;
+    the sampled loss and ``None`` for a sampler callable."""
+    seed = sampled_output_gradient(outputs, loss, reduction=reduction, generator=generator, **options)
+    if seed is not None:
+        return outputs, seed
+    return sampled_loss(outputs, loss, reduction=reduction, generator=generator, **options), None

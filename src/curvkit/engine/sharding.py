@@ -100,11 +100,18 @@ class ShardedParams:
         return out
 
     def sampled_gradients(
-        self, value: Tensor, params: Sequence[Tensor], batch: int, *, protect: Sequence[Tensor] = ()
+        self,
+        value: Tensor,
+        params: Sequence[Tensor],
+        batch: int,
+        *,
+        protect: Sequence[Tensor] = (),
+        seed: Tensor | None = None,
     ) -> list[Tensor | None]:
         r"""The full gradient of ``batch * value`` averaged over the ranks by FSDP2 (*collective*).
 
-        Runs ``(batch * value).backward(retain_graph=True)`` with every ``.grad`` of ``params``
+        With ``seed`` (the gradient of the sampled loss in the outputs ``value``), the backward
+        starts from ``value`` with ``batch * seed``. Runs ``(batch * value).backward(retain_graph=True)`` with every ``.grad`` of ``params``
         set aside (restored afterwards, so a user's accumulated gradients are untouched), and
         gathers the reduce-scattered result: :math:`\frac1W\sum_r n_r \bar g_r`, identical on
         every rank. :meth:`finish_sampled` turns the accumulated sum into the global mean.
@@ -117,7 +124,10 @@ class ShardedParams:
             p.grad = None
         try:
             with torch.enable_grad():
-                (value * batch).backward(retain_graph=True)
+                if seed is None:
+                    (value * batch).backward(retain_graph=True)
+                else:
+                    value.backward(seed * batch, retain_graph=True)
             grads = [p.grad for p in params]
         finally:
             for p, g in zip(keep, saved):
