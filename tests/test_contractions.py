@@ -54,3 +54,45 @@ def test_mode_products_skip_identity_modes():
 def test_mode_products_wrong_count_raises():
     with pytest.raises(ValueError, match="one matrix"):
         mode_products(torch.randn(3, 4), [torch.eye(3)])
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (6, 11), (3, 2)])
+def test_split_gram_equals_the_full_product_and_mirrors_its_off_diagonal_block(monkeypatch, shape):
+    import curvkit.contractions as contractions
+
+    monkeypatch.setattr(contractions, "SPLIT_GRAM_MIN", 2)  # the split path on small matrices
+    x = torch.randn(*shape, dtype=torch.float64)
+    d, h = shape[1], shape[1] // 2
+    g = contractions.gram(x)
+    torch.testing.assert_close(g, x.T @ x, rtol=1e-13, atol=1e-13)
+    assert torch.equal(g[h:, :h], g[:h, h:].T)  # the copied block: exactly the transpose
+    torch.testing.assert_close(contractions.mode_gram(x, 0), x @ x.T, rtol=1e-13, atol=1e-13)
+    # in place: beta O + alpha X^T X on a symmetric O; beta=0 ignores O's content, NaN included
+    s = torch.randn(d, d, dtype=torch.float64)
+    s = s + s.T
+    expected = 0.9 * s + 0.25 * (x.T @ x)
+    out = contractions.add_gram_(s, x, alpha=0.25, beta=0.9)
+    assert out is s
+    torch.testing.assert_close(s, expected, rtol=1e-13, atol=1e-13)
+    junk = torch.full((d, d), float("nan"), dtype=torch.float64)
+    torch.testing.assert_close(contractions.add_gram_(junk, x, beta=0.0), x.T @ x, rtol=1e-13, atol=1e-13)
+    # a view of a larger matrix (KFAC's A without its homogeneous row and column)
+    big = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    contractions.add_gram_(big[:d, :d], x)
+    torch.testing.assert_close(big[:d, :d], x.T @ x, rtol=1e-13, atol=1e-13)
+    assert not big[d].any() and not big[:, d].any()
+
+
+def test_gram_splits_only_large_cpu_products(monkeypatch):
+    import curvkit.contractions as contractions
+
+    calls = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    m = contractions.SPLIT_GRAM_MIN
+    contractions.add_gram_(torch.zeros(m, m), torch.randn(m, m))
+    assert len(calls) == 3
+    calls.clear()
+    contractions.add_gram_(torch.zeros(m, m), torch.randn(m - 1, m))  # too few rows: one call
+    contractions.add_gram_(torch.zeros(m - 1, m - 1), torch.randn(m, m - 1))  # too few columns
+    assert len(calls) == 2

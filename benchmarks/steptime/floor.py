@@ -21,11 +21,14 @@ the piece). The pieces:
     the same draw and gradient, backpropagated with respect to the layers' outputs only (all KFAC
     needs: its ``G`` factors are Grams of output gradients; no weight-gradient products).
 ``grams_params``
-    the mode Grams of every parameter gradient folded into an EMA in place, one ``addmm_`` (or
-    ``addr_`` for a bias) per factor: :math:`S \leftarrow \beta S + (1 - \beta) G_{(i)} G_{(i)}^\top`.
+    the mode Grams of every parameter gradient folded into an EMA in place, one
+    :func:`curvkit.contractions.add_gram_` (or ``addr_`` for a bias) per factor:
+    :math:`S \leftarrow \beta S + (1 - \beta) G_{(i)} G_{(i)}^\top`. ``add_gram_`` is one
+    ``addmm_``, or, for large factors on a CPU, three on column halves (3/4 of the
+    multiply-adds of a symmetric product), as the optimizers compute them.
 ``grams_layers``
     KFAC's statistics: :math:`A \leftarrow \beta A + (1-\beta) a^\top a / n` of the layer inputs
-    (with the homogeneous 1) and :math:`G` of the output gradients, one ``addmm_`` each.
+    (with the homogeneous 1) and :math:`G` of the output gradients, one ``add_gram_`` each.
 ``grams_inputs``
     the ``A`` statistics alone (K-BFGS).
 ``inverse_cholesky_params`` / ``inverse_cholesky_layers``
@@ -71,6 +74,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from curvkit.contractions import add_gram_
 
 from ..problems import bce_sum
 
@@ -271,8 +276,8 @@ def measure_pieces(model: nn.Sequential, x: Tensor, y: Tensor, *, reps: int = 5,
             if s_in is None:
                 s_out.mul_(beta).addr_(g, g, alpha=1 - beta)
             else:
-                s_out.addmm_(g, g.T, beta=beta, alpha=1 - beta)
-                s_in.addmm_(g.T, g, beta=beta, alpha=1 - beta)
+                add_gram_(s_out, g.T, alpha=1 - beta, beta=beta)
+                add_gram_(s_in, g, alpha=1 - beta, beta=beta)
 
     record("grams_params", param_grams)
     with torch.no_grad():
@@ -285,10 +290,10 @@ def measure_pieces(model: nn.Sequential, x: Tensor, y: Tensor, *, reps: int = 5,
     def layer_grams(with_g: bool) -> Callable[[Any], None]:
         def run(_: Any) -> None:
             for a, s in zip(acts, a_stats):
-                s.addmm_(a.T, a, beta=beta, alpha=(1 - beta) / n)
+                add_gram_(s, a, alpha=(1 - beta) / n, beta=beta)
             if with_g:
                 for g, s in zip(outgrads, g_stats):
-                    s.addmm_(g.T, g, beta=beta, alpha=(1 - beta) * n)
+                    add_gram_(s, g, alpha=(1 - beta) * n, beta=beta)
         return run
 
     record("grams_layers", layer_grams(True))

@@ -65,6 +65,30 @@ def test_factors_unchanged_by_the_output_only_backward(monkeypatch, kind):
     assert opt._recorder._live == []  # held outputs dropped after the backward
 
 
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_factors_match_the_reference_through_the_split_gram(monkeypatch, kind):
+    """KFAC's A and G summed by curvkit.contractions.add_gram_ on column halves (the path large
+    CPU factors take) equal the per-example reference."""
+    import curvkit.contractions
+
+    monkeypatch.setattr(curvkit.contractions, "SPLIT_GRAM_MIN", 2)
+    if kind == "linear":
+        layer = nn.Linear(5, 3).double()
+        x = torch.randn(7, 5, dtype=torch.float64)
+        targets = torch.randn(7, 3, dtype=torch.float64)
+        A_ref, G_ref = linear_factors(layer, x, targets)
+    else:
+        layer = nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
+        x = torch.randn(4, 2, 7, 6, dtype=torch.float64)
+        targets = torch.randn_like(layer(x))
+        A_ref, G_ref = conv2d_factors(layer, x, targets)
+    opt = curvkit.compose(layer.parameters(), estimator="kfac", model=layer, damping=0.1)
+    assert opt.update_curvature(layer(x), loss=deterministic_loss(targets))
+    state = opt.block_state(0)["estimator"]
+    torch.testing.assert_close(state["A"], A_ref, **TOL)
+    torch.testing.assert_close(state["G"], G_ref, **TOL)
+
 def test_update_reports_a_layer_that_got_no_records():
     class Bypass(nn.Module):
         def __init__(self):

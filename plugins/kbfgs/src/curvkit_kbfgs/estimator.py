@@ -82,6 +82,7 @@ from curvkit import (
 )
 from curvkit.safeguards import CurvkitWarning
 from curvkit.config import check_choice, check_in_unit_interval, check_nonnegative, check_positive_int
+from curvkit.contractions import gram
 
 from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update_where, double_damping, lbfgs_push, restart_where
 from .layers import FALLBACK_KIND, LayerMeans, layer_inputs, layer_means, plan_blocks
@@ -287,7 +288,7 @@ class KBFGSEstimator(CurvatureEstimator):
         a = layer_inputs(evidence.layer, block, dtype)
         if a is None:
             return False
-        out: dict[str, Any] = {"aa": a.T @ a, "a": a.sum(dim=0), "rows": a.shape[0]}
+        out: dict[str, Any] = {"aa": gram(a), "a": a.sum(dim=0), "rows": a.shape[0]}
         means = layer_means(evidence.layer, block, dtype, inputs=False)
         if means is not None and means.rows == a.shape[0]:
             out.update(h=means.h * means.rows, g=means.g)

@@ -64,6 +64,7 @@ from curvkit import (
     statistics_dtype,
 )
 from curvkit.config import check_choice, check_in_unit_interval, check_positive
+from curvkit.contractions import add_gram_
 
 from .layers import LAYER_KINDS, layer_rows
 from .planning import layer_modules, plan_layers
@@ -247,7 +248,7 @@ class KFACEstimator(CurvatureEstimator):
                 if counts is not None:
                     counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=dtype, device=ids.device))
                 if g_sum is not None:
-                    g_sum.addmm_(g.T, g, alpha=g_weight)
+                    add_gram_(g_sum, g, alpha=g_weight)
             out.update(A=counts, G=g_sum, examples=rows, rows=rows)
             return out
         has_bias = len(block.params) == 2
@@ -260,14 +261,14 @@ class KFACEstimator(CurvatureEstimator):
             rows += r.gradients.shape[0]
             if a_sum is not None:
                 a, d = r.activations, r.activations.shape[1]
-                a_sum[:d, :d].addmm_(a.T, a)
+                add_gram_(a_sum[:d, :d], a)
                 if has_bias:  # the homogeneous 1: column sums and the row count, without a copy of a
                     col = a.sum(0)
                     a_sum[:d, d] += col
                     a_sum[d, :d] += col
                     a_sum[d, d] += a.shape[0]
             if g_sum is not None:
-                g_sum.addmm_(r.gradients.T, r.gradients, alpha=g_weight)
+                add_gram_(g_sum, r.gradients, alpha=g_weight)
         out.update(A=a_sum, G=g_sum, examples=examples, rows=rows)
         return out
 
