@@ -4,7 +4,9 @@ The Fisher information is :math:`F = E_{x}\,E_{y \sim p(y|x,\theta)}[\nabla \log
 the gradient must be taken with targets drawn from the model itself, not the data labels (which
 would give the *empirical* Fisher). :func:`sampled_loss` draws one target per example (per
 position, per output) and returns the negative log-likelihood whose gradient is that
-sampling-based gradient.
+sampling-based gradient; :func:`sampled_output_gradient` draws the same targets and returns
+that loss's gradient in the outputs in closed form, which the optimizers backpropagate (no loss
+to build and differentiate).
 
 Supported likelihoods (``outputs`` are the model's raw outputs, batch first):
 
