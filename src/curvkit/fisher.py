@@ -223,11 +223,7 @@ def sample_targets(
     name = resolve_loss(loss)
     if not isinstance(name, str):
         raise ValueError("sample_targets needs a named likelihood; a sampler callable draws its own targets")
-    if class_dim is not None and name != "cross_entropy":
-        raise ValueError(
-            f"class_dim={class_dim!r} applies to loss='cross_entropy' only; {name!r} samples every output "
-            f"independently (leave class_dim unset)"
-        )
+    _check_class_dim(name, class_dim)
     return _draw(outputs, name, generator=generator, class_dim=class_dim)[0]
 
 
@@ -292,18 +288,10 @@ def sampled_output_gradient(
     """
     name = resolve_loss(loss)
     if not isinstance(name, str):
-        if reduction is not None or class_dim is not None:
-            raise ValueError(
-                "reduction= and class_dim= apply to the named likelihoods; a sampler callable reduces "
-                "its own loss (leave them unset)"
-            )
+        _check_sampler_options(reduction, class_dim)
         return None
     reduction = _check_reduction(name, reduction, outputs)
-    if class_dim is not None and name != "cross_entropy":
-        raise ValueError(
-            f"class_dim={class_dim!r} applies to loss='cross_entropy' only; {name!r} samples every output "
-            f"independently (leave class_dim unset)"
-        )
+    _check_class_dim(name, class_dim)
     target, probs = _draw(outputs, name, generator=generator, class_dim=class_dim)
     with torch.no_grad():
         if name == "cross_entropy":
@@ -323,6 +311,22 @@ def sampled_output_gradient(
         if scale != 1.0:
             grad = grad * scale
         return grad.to(outputs.dtype)
+
+
+def _check_sampler_options(reduction: str | None, class_dim: int | None) -> None:
+    if reduction is not None or class_dim is not None:
+        raise ValueError(
+            "reduction= and class_dim= apply to the named likelihoods; a sampler callable reduces "
+            "its own loss (leave them unset)"
+        )
+
+
+def _check_class_dim(name: str, class_dim: int | None) -> None:
+    if class_dim is not None and name != "cross_entropy":
+        raise ValueError(
+            f"class_dim={class_dim!r} applies to loss='cross_entropy' only; {name!r} samples every output "
+            f"independently (leave class_dim unset)"
+        )
 
 
 def _check_reduction(name: str, reduction: str | None, outputs: Tensor) -> str:
@@ -373,11 +377,7 @@ def sampled_loss(
     """
     name = resolve_loss(loss)
     if not isinstance(name, str):
-        if reduction is not None or class_dim is not None:
-            raise ValueError(
-                "reduction= and class_dim= apply to the named likelihoods; a sampler callable reduces "
-                "its own loss (leave them unset)"
-            )
+        _check_sampler_options(reduction, class_dim)
         try:
             value = name(outputs, generator)
         except TypeError as exc:

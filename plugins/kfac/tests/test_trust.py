@@ -44,16 +44,7 @@ def test_kfac_declares_what_it_reads():
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_factors_unchanged_by_the_output_only_backward(monkeypatch, kind):
-    if kind == "linear":
-        layer = nn.Linear(5, 3).double()
-        x = torch.randn(7, 5, dtype=torch.float64)
-        targets = torch.randn(7, 3, dtype=torch.float64)
-        A_ref, G_ref = linear_factors(layer, x, targets)
-    else:
-        layer = nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
-        x = torch.randn(4, 2, 7, 6, dtype=torch.float64)
-        targets = torch.randn_like(layer(x))
-        A_ref, G_ref = conv2d_factors(layer, x, targets)
+    layer, x, targets, A_ref, G_ref = _reference_case(kind)
     opt = curvkit.compose(layer.parameters(), estimator="kfac", model=layer, damping=0.1)
     calls = _output_only(monkeypatch, opt)
     out = layer(x)
@@ -66,13 +57,8 @@ def test_factors_unchanged_by_the_output_only_backward(monkeypatch, kind):
 
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_factors_match_the_reference_through_the_split_gram(monkeypatch, kind):
-    """KFAC's A and G summed by curvkit.contractions.add_gram_ on column halves (the path large
-    CPU factors take) equal the per-example reference."""
-    import curvkit.contractions
-
-    monkeypatch.setattr(curvkit.contractions, "SPLIT_GRAM_MIN", 2)
+def _reference_case(kind):
+    """A float64 Linear or Conv2d layer, its input, targets and the reference A and G."""
     if kind == "linear":
         layer = nn.Linear(5, 3).double()
         x = torch.randn(7, 5, dtype=torch.float64)
@@ -83,6 +69,17 @@ def test_factors_match_the_reference_through_the_split_gram(monkeypatch, kind):
         x = torch.randn(4, 2, 7, 6, dtype=torch.float64)
         targets = torch.randn_like(layer(x))
         A_ref, G_ref = conv2d_factors(layer, x, targets)
+    return layer, x, targets, A_ref, G_ref
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_factors_match_the_reference_through_the_split_gram(monkeypatch, kind):
+    """KFAC's A and G summed by curvkit.contractions.add_gram_ on column halves (the path large
+    CPU factors take) equal the per-example reference."""
+    import curvkit.contractions
+
+    monkeypatch.setattr(curvkit.contractions, "SPLIT_GRAM_MIN", 2)
+    layer, x, targets, A_ref, G_ref = _reference_case(kind)
     opt = curvkit.compose(layer.parameters(), estimator="kfac", model=layer, damping=0.1)
     assert opt.update_curvature(layer(x), loss=deterministic_loss(targets))
     state = opt.block_state(0)["estimator"]
