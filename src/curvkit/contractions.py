@@ -25,7 +25,7 @@ import opt_einsum
 import torch
 from torch import Tensor
 
-__all__ = ["add_gram_", "contract", "contraction_plan", "gram", "mode_gram", "mode_grams", "mode_products", "unfold"]
+__all__ = ["SPLIT_GRAM_MIN", "add_gram_", "contract", "contraction_plan", "gram", "mode_gram", "mode_grams", "mode_products", "unfold"]
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
