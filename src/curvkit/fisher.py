@@ -230,8 +230,8 @@ def sample_targets(
 def _draw(outputs: Tensor, name: str, *, generator: torch.Generator | None, class_dim: int | None) -> tuple[Tensor, Tensor | None]:
     """``(targets, probabilities)``: the sampled targets (see :func:`sample_targets`) and, for
     ``"cross_entropy"`` and ``"bce_with_logits"``, the model's probabilities in float32 or wider
-    (non-finite where the outputs are: only the draw replaces them), class axis where the
-    outputs have it."""
+    (non-finite where the outputs are: the draw still gives valid targets there), class axis
+    where the outputs have it."""
     with torch.no_grad():
         z = outputs.detach()
         wide = z if z.dtype in (torch.float32, torch.float64) else z.float()
@@ -245,9 +245,10 @@ def _draw(outputs: Tensor, name: str, *, generator: torch.Generator | None, clas
             return idx.reshape(moved.shape[:-1]), probs
         if name == "bce_with_logits":
             probs = torch.sigmoid(wide)
-            # y = [u < p] with u ~ U[0, 1): a Bernoulli(p) draw (faster than torch.bernoulli on CPU)
+            # y = [u < p] with u ~ U[0, 1): a Bernoulli(p) draw (faster than torch.bernoulli on CPU);
+            # a NaN p compares False and draws 0, a valid target for evidence the check then skips
             u = torch.rand(probs.shape, generator=generator, dtype=probs.dtype, device=probs.device)
-            return (u < probs.nan_to_num(0.5)).to(z.dtype), probs
+            return (u < probs).to(z.dtype), probs
         noise = torch.randn(z.shape, generator=generator, dtype=torch.float32, device=z.device)
         return (z.float() + noise).to(z.dtype), None
 
@@ -309,7 +310,7 @@ def sampled_output_gradient(
             terms = outputs.numel()
         scale = {"batch_mean": 1.0 / outputs.shape[0], "mean": 1.0 / max(terms, 1), "sum": 1.0}[reduction]
         if scale != 1.0:
-            grad = grad * scale
+            grad.mul_(scale)  # a fresh buffer of this call
         return grad.to(outputs.dtype)
 
 

@@ -192,7 +192,7 @@ class EvidenceCollector:
         try:
             with self.estimator.capture(), self.phase("sampled"):
                 if self.spec.layer_io and not self.spec.parameter_gradients and hasattr(self.recorder, "differentiate"):
-                    self.recorder.differentiate(root) if seed is None else self.recorder.differentiate(root, seed)
+                    self.recorder.differentiate(root, seed)
                     grads: Sequence[Tensor | None] = [None] * len(params)
                 elif self.sharding is not None:  # FSDP2: stashed backward, gradient of batch * value
                     grads = self.sharding.sampled_gradients(root, params, batch, protect=self._all_params(), seed=seed)

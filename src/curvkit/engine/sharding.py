@@ -111,8 +111,8 @@ class ShardedParams:
         r"""The full gradient of ``batch * value`` averaged over the ranks by FSDP2 (*collective*).
 
         With ``seed`` (the gradient of the sampled loss in the outputs ``value``), the backward
-        starts from ``value`` with ``batch * seed``. Runs ``(batch * value).backward(retain_graph=True)`` with every ``.grad`` of ``params``
-        set aside (restored afterwards, so a user's accumulated gradients are untouched), and
+        starts from ``value`` with ``batch * seed``. Runs the backward (``retain_graph=True``)
+        with every ``.grad`` of ``params`` set aside (restored afterwards, so a user's accumulated gradients are untouched), and
         gathers the reduce-scattered result: :math:`\frac1W\sum_r n_r \bar g_r`, identical on
         every rank. :meth:`finish_sampled` turns the accumulated sum into the global mean.
         The gradients of ``protect`` (the optimizer's other parameters, which the backward also
@@ -124,10 +124,7 @@ class ShardedParams:
             p.grad = None
         try:
             with torch.enable_grad():
-                if seed is None:
-                    (value * batch).backward(retain_graph=True)
-                else:
-                    value.backward(seed * batch, retain_graph=True)
+                value.backward(torch.full_like(value, batch) if seed is None else seed * batch, retain_graph=True)
             grads = [p.grad for p in params]
         finally:
             for p, g in zip(keep, saved):
