@@ -76,6 +76,11 @@ def test_split_gram_equals_the_full_product_and_mirrors_its_off_diagonal_block(m
     torch.testing.assert_close(s, expected, rtol=1e-13, atol=1e-13)
     junk = torch.full((d, d), float("nan"), dtype=torch.float64)
     torch.testing.assert_close(contractions.add_gram_(junk, x, beta=0.0), x.T @ x, rtol=1e-13, atol=1e-13)
+    # symmetric content stays exactly symmetric off the diagonal blocks; any other content is kept
+    torch.testing.assert_close(s[h:, :h], s[:h, h:].T, rtol=0, atol=0)
+    skew = torch.randn(d, d, dtype=torch.float64)
+    expected = 0.5 * skew + 2.0 * (x.T @ x)
+    torch.testing.assert_close(contractions.add_gram_(skew, x, alpha=2.0, beta=0.5), expected, rtol=1e-13, atol=1e-13)
     # a view of a larger matrix (KFAC's A without its homogeneous row and column)
     big = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     contractions.add_gram_(big[:d, :d], x)
