@@ -310,3 +310,66 @@ def test_an_estimator_that_does_not_ask_for_squared_norms_gets_none():
     nn.functional.cross_entropy(out, torch.zeros(8, dtype=torch.long)).backward()
     opt.step()
     assert len(seen) == 4 and all(ev.squared_norm is None and ev.gradients[0] is not None for ev in seen)
+
+
+def test_kronecker_apply_group_equals_mode_products_for_every_dense_pattern():
+    """The written-out CPU products of apply_group: vectors and matrices, modes left as
+    identity (None), inverses in another dtype, and an eigenbasis operator (through apply)."""
+    from curvkit.operators import EigenBasis
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(3, 2)),
+              nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(2, 5))]
+    blocks = curvkit.TNT(params, lr=0.1).blocks
+    dirs = [torch.randn(b.shape) for b in blocks]
+
+    def spd(d, dtype=torch.float32):
+        a = torch.randn(d, d, dtype=dtype)
+        return a @ a.T + torch.eye(d, dtype=dtype)
+
+    q, _ = torch.linalg.qr(torch.randn(2, 2, dtype=D))
+    invs = [
+        [spd(5), spd(4)],
+        [spd(6, D)],  # float64 inverse of a float32 direction: cast to the direction's dtype
+        [None, spd(2)],
+        [spd(4, D), None],
+        [EigenBasis(q, torch.rand(2, dtype=D) + 0.5, 0), spd(5)],
+    ]
+    got = curvkit.KroneckerMode().apply_group(blocks, [{}] * len(blocks), dirs, invs, gradients=dirs)
+    for d, inv, g in zip(dirs, invs, got):
+        cast = [v.to(d.dtype) if isinstance(v, torch.Tensor) else v for v in inv]
+        assert g.dtype == d.dtype
+        torch.testing.assert_close(g, curvkit.contractions.mode_products(d, cast), rtol=0, atol=0)
+
+
+def test_scalar_tensors_are_cached_exact_and_bounded():
+    from curvkit.engine import finite
+
+    a = finite.scalar_tensor(0.1, D, torch.device("cpu"))
+    assert a.dtype == D and a.item() == 0.1  # not rounded through float32
+    assert finite.scalar_tensor(0.1, D, torch.device("cpu")) is a
+    assert finite.scalar_tensor(0.1, torch.float32, torch.device("cpu")) is not a
+    neg = finite.scalar_tensor(-0.0, torch.float32, torch.device("cpu"))
+    assert torch.signbit(neg) and not torch.signbit(finite.scalar_tensor(0.0, torch.float32, torch.device("cpu")))
+    for k in range(2 * finite._MAX_SCALARS):  # a schedule's many values do not grow the cache without bound
+        finite.scalar_tensor(1.0 + k * 1e-6, torch.float32, torch.device("cpu"))
+    assert len(finite._SCALARS) <= finite._MAX_SCALARS
+
+
+def test_several_device_counters_count_as_one_by_one():
+    from curvkit.engine.health import DEVICE_COUNTERS, HealthMonitor
+
+    together, single = HealthMonitor(), HealthMonitor()
+    for h in (together, single):
+        h.add_blocks(["a", "b", "c"])
+    ids = torch.tensor([0, 2])
+    failed = torch.tensor([[True, False], [True, True]])
+    for names in (("skipped_nonfinite_grad", "skipped_nonfinite_direction"),  # evenly spaced columns
+                  ("skipped_nonfinite_direction", "skipped_nonfinite_grad"),  # any order
+                  ("skipped_nonfinite_evidence", "skipped_nonfinite_grad")):
+        together.count_device(names, ids, failed)
+        for j, name in enumerate(names):
+            single.count_device(name, ids, failed[:, j])
+    assert together.totals() == single.totals()
+    assert {c: together.totals()[2][c] for c in DEVICE_COUNTERS} == {
+        "skipped_nonfinite_grad": 3, "skipped_nonfinite_evidence": 1, "skipped_nonfinite_direction": 2}

@@ -83,7 +83,7 @@ SPLIT_GRAM_MIN = 384
 def _split_point(x: Tensor) -> int | None:
     """Where :func:`add_gram_` splits the columns of the 2-d ``x`` (``None``: one ``addmm``)."""
     rows, cols = x.shape
-    if x.device.type != "cpu" or rows < SPLIT_GRAM_MIN or cols < SPLIT_GRAM_MIN:
+    if rows < SPLIT_GRAM_MIN or cols < SPLIT_GRAM_MIN or not x.is_cpu:
         return None
     return cols // 2
 
@@ -146,12 +146,13 @@ def gram(x: Tensor) -> Tensor:
 def mode_gram(tensor: Tensor, mode: int) -> Tensor:
     """:math:`G_{(i)} G_{(i)}^\\top` for ``mode`` ``i`` (contracts every other axis; matrices
     through :func:`gram`)."""
-    shape = tuple(tensor.shape)
-    if len(shape) == 1:
+    dim = tensor.dim()
+    if dim == 1:
         return torch.outer(tensor, tensor)
-    if len(shape) == 2:
-        return gram(tensor.T) if mode == 0 else gram(tensor)
-    return contract(_gram_equation(len(shape), mode), tensor, tensor)
+    if dim == 2:
+        x = tensor.T if mode == 0 else tensor
+        return gram(x) if _split_point(x) is not None else x.T @ x
+    return contract(_gram_equation(dim, mode), tensor, tensor)
 
 
 def mode_grams(tensor: Tensor, modes: Sequence[int] | None = None) -> list[Tensor]:

@@ -701,6 +701,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     health.warn_once(c, MESSAGES[c], stacklevel=5)
                 h[c] = b + d
 
+    def _active_blocks(self) -> list[int]:
+        """The blocks with at least one gradient."""
+        active = []
+        for bi, b in enumerate(self._blocks):
+            for p in b.params:
+                if p.grad is not None:
+                    active.append(bi)
+                    break
+        return active
+
     def _check_params(self, active: Sequence[int]) -> None:
         for bi in active:
             b = self._blocks[bi]
@@ -735,7 +745,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         loss = self._run_closure_first(closure)
         t = self._run.step
-        active = [bi for bi, b in enumerate(self._blocks) if any(p.grad is not None for p in b.params)]
+        active = self._active_blocks()
         self._check_params(active)
         full = None if self._sharding is None else self._sharding.full_grads(self._blocks, active)  # FSDP2
 

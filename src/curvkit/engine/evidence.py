@@ -40,7 +40,7 @@ from ..blocks import Block
 from ..fisher import LossSpec, sampled_loss, sampled_output_gradient
 from ..hooks import LayerRecorder
 from ..interfaces import BlockEvidence, CurvatureEstimator, Source
-from .finite import finite_flags, finite_norms
+from .finite import finite_flags, finite_norms, scalar_tensor
 from .health import HealthMonitor, index_tensor
 from .runstate import RunState
 
@@ -414,25 +414,31 @@ class EvidenceCollector:
         Under a distributor, statistics are averaged over the ranks after the update unless the
         evidence itself was already ``averaged`` (the sampled gradient of the global batch)."""
         blocks = [self.blocks[bi] for bi in block_ids]
-        evid = [[grads_by_param.get(id(p)) for p in b.params] for b in blocks]
-        present = [(i, g) for i, gl in enumerate(evid) for g in gl if g is not None]
-        valid: Sequence[Tensor | None] = [None] * len(blocks)
+        get = grads_by_param.get
+        evid = [[get(id(p)) for p in b.params] for b in blocks]
+        owners: list[int] = []  # the block of each present gradient
+        present: list[Tensor] = []
+        for i, gl in enumerate(evid):
+            for g in gl:
+                if g is not None:
+                    owners.append(i)
+                    present.append(g)
+        valid: list[Tensor | None] = [None] * len(blocks)
         squared: list[Tensor | None] = [None] * len(blocks)
         if present:
-            flags, norms = finite_norms([g for _, g in present])
+            flags, norms = finite_norms(present)
             if self.nonfinite == "raise":
                 bad = (~flags).tolist()
-                for (i, _), b in zip(present, bad):
+                for i, b in zip(owners, bad):
                     if b:
                         raise FloatingPointError(
                             f"non-finite curvature evidence for block {blocks[i].name!r} at step {self.run.step}"
                         )
-            owners = [i for i, _ in present]
             if len(set(owners)) == len(owners):  # one tensor per block (the common case): no combining
                 ok, ids = flags, owners
                 if norms is not None and self.spec.squared_norms:  # 0 where not finite
-                    zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
-                    for i, sq in zip(owners, torch.where(flags, norms * norms, zero).unbind(0)):
+                    squared_norms = torch.where(flags, norms * norms, scalar_tensor(0.0, norms.dtype, norms.device)).unbind(0)
+                    for i, sq in zip(owners, squared_norms):
                         squared[i] = sq
             else:
                 per_block: dict[int, Tensor] = {}
@@ -443,25 +449,23 @@ class EvidenceCollector:
             self.health.count_device(
                 "skipped_nonfinite_evidence", index_tensor([block_ids[i] for i in ids], ok.device), ~ok
             )
-            valid = [None] * len(blocks)
-            zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-            for _, g in present:
-                if (g.dtype, g.device) not in zeros:
-                    zeros[(g.dtype, g.device)] = torch.zeros((), dtype=g.dtype, device=g.device)
             for i, v in zip(ids, ok.unbind(0)):
                 valid[i] = v
-                evid[i] = [None if g is None else torch.where(v, g, zeros[(g.dtype, g.device)]) for g in evid[i]]
+                evid[i] = [None if g is None else torch.where(v, g, scalar_tensor(0.0, g.dtype, g.device)) for g in evid[i]]
         layer = self.recorder
+        layer_io = self.spec.layer_io
+        states = self.states
         with _no_autocast(blocks):
-            fed = [
-                (bi, b, BlockEvidence(gradients=gl, layer=layer, batch_size=batch_size, valid=v, squared_norm=sq))
-                for bi, b, gl, v, sq in zip(block_ids, blocks, evid, valid, squared)
-                if self.spec.layer_io or any(g is not None for g in gl)
-            ]
-            results = self.estimator.update_group(
-                [f[1] for f in fed], [self.states(f[1]) for f in fed], [f[2] for f in fed], decay=decay
-            )
-            for (bi, b, _), result in zip(fed, results):
+            fed_ids: list[int] = []
+            fed_blocks: list[Block] = []
+            fed: list[BlockEvidence] = []
+            for bi, b, gl, v, sq in zip(block_ids, blocks, evid, valid, squared):
+                if layer_io or v is not None or any(g is not None for g in gl):
+                    fed_ids.append(bi)
+                    fed_blocks.append(b)
+                    fed.append(BlockEvidence(gradients=gl, layer=layer, batch_size=batch_size, valid=v, squared_norm=sq))
+            results = self.estimator.update_group(fed_blocks, [states(b) for b in fed_blocks], fed, decay=decay)
+            for bi, b, result in zip(fed_ids, fed_blocks, results):
                 if result is False:
                     self._missing(bi, b)
             if fed and any(r is not False for r in results):

@@ -8,12 +8,16 @@ overflows to ``inf`` only for entries beyond about ``1e19`` (float32), which cou
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["finite_flags", "finite_norms"]
+__all__ = ["finite_flags", "finite_norms", "scalar_tensor"]
+
+_SCALARS: dict[tuple[float, float, torch.dtype, torch.device], Tensor] = {}
+_MAX_SCALARS = 256
 
 
 def finite_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -42,3 +46,19 @@ def finite_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
 def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     """One bool per tensor, ``True`` where every entry is finite (see :func:`finite_norms`)."""
     return finite_norms(tensors)[0]
+
+
+def scalar_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-d tensor holding ``value`` exactly in ``dtype`` on ``device``: the constants of
+    the masked updates (the zero of ``torch.where(ok, x, 0)``, a momentum factor), built once
+    instead of once per call. Callers must not modify it. Under :func:`torch.compile` a fresh
+    tensor is built (the compiled graph holds it as a constant)."""
+    if torch.compiler.is_compiling():
+        return torch.full((), value, dtype=dtype, device=device)
+    key = (value, math.copysign(1.0, value), dtype, device)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= _MAX_SCALARS:  # e.g. a learning-rate schedule's decay factors
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.full((), value, dtype=dtype, device=device)
+    return t

@@ -124,11 +124,23 @@ class HealthMonitor:
         return counts
 
     # -------------------------------------------------------------- counting
-    def count_device(self, counter: str, block_ids: Tensor, failed: Tensor) -> None:
-        """Add ``failed`` (bool, one per block) to ``counter`` of ``block_ids`` on the device."""
+    def count_device(self, counter: str | Sequence[str], block_ids: Tensor, failed: Tensor) -> None:
+        """Add ``failed`` (bool, one per block) to ``counter`` of ``block_ids`` on the device.
+
+        Several counters at once: ``counter`` a sequence of ``k`` names and ``failed`` of shape
+        ``(blocks, k)``, one column per counter (one ``index_add_`` when their columns are evenly
+        spaced)."""
         counts = self._counts(failed.device)
-        column = DEVICE_COUNTERS.index(counter)
-        counts[:, column].index_add_(0, block_ids, failed.to(torch.int64))
+        if isinstance(counter, str):
+            counts[:, DEVICE_COUNTERS.index(counter)].index_add_(0, block_ids, failed.to(torch.int64))
+            return
+        columns = [DEVICE_COUNTERS.index(c) for c in counter]
+        step = columns[1] - columns[0] if len(columns) > 1 else 1
+        if step > 0 and columns == list(range(columns[0], columns[0] + step * len(columns), step)):
+            counts[:, columns[0] :: step][:, : len(columns)].index_add_(0, block_ids, failed.to(torch.int64))
+            return
+        for j, column in enumerate(columns):
+            counts[:, column].index_add_(0, block_ids, failed[:, j].to(torch.int64))
 
     def count(self, block: int, counter: str, amount: int = 1) -> None:
         """Count a host-side event."""

@@ -37,7 +37,7 @@ from torch import Tensor
 from ..blocks import Block
 from ..estimators.tensor_normal import statistics_dtype
 from ..interfaces import Preconditioner
-from .finite import finite_flags
+from .finite import finite_flags, scalar_tensor
 from .health import HealthMonitor, index_tensor
 
 __all__ = ["UpdatePlan", "UpdateRule", "update_step"]
@@ -51,20 +51,26 @@ _MAX_PLANS = 16
 
 def _where_scalar(mask: Tensor, yes: float, no: float, dtype: torch.dtype) -> Tensor:
     """``yes`` where ``mask`` else ``no``, exactly in ``dtype`` (no float32 rounding of the scalars)."""
-    return torch.full(mask.shape, yes, dtype=dtype, device=mask.device).masked_fill_(~mask, no)
+    device = mask.device
+    return torch.where(mask, scalar_tensor(yes, dtype, device), scalar_tensor(no, dtype, device))
 
 
 def _where_one(mask: Tensor, yes: Any, dtype: torch.dtype) -> Tensor:
     """``yes`` where ``mask`` else 1, in ``dtype``; ``yes`` a Python number or a 0-d tensor."""
     if isinstance(yes, Tensor):
-        return torch.where(mask, yes.to(dtype), torch.ones((), dtype=dtype, device=mask.device))
+        return torch.where(mask, yes.to(dtype), scalar_tensor(1.0, dtype, mask.device))
     return _where_scalar(mask, yes, 1.0, dtype)
 
 
 def _zeros_like_scalars(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device], Tensor]:
     """One 0-d zero per dtype and device of ``tensors``, shared by the masks of a phase:
     ``torch.where(ok, x, 0.0)`` would build a scalar tensor per call."""
-    return {key: torch.zeros((), dtype=key[0], device=key[1]) for key in {(t.dtype, t.device) for t in tensors}}
+    zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+    for t in tensors:
+        key = (t.dtype, t.device)
+        if key not in zeros:
+            zeros[key] = scalar_tensor(0.0, key[0], key[1])
+    return zeros
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,12 +112,18 @@ def gradient_views(plan: UpdatePlan, params: Sequence[Sequence[Tensor]], grads: 
     working dtype with non-finite views replaced by zeros."""
     views = []
     for b, ps, gs, w in zip(plan.blocks, params, grads, plan.work):
-        if any(g is None for g in gs):
+        if len(gs) == 1:  # one parameter per block (the common case): no scans
+            if gs[0] is None:
+                gs = [torch.zeros_like(ps[0])]
+        elif any(g is None for g in gs):
             gs = [torch.zeros_like(p) if g is None else g for p, g in zip(ps, gs)]
         v = b.to_view(gs)
         views.append(v if v.dtype == w else v.to(w))
     ok_g = finite_flags(views)
     zero = _zeros_like_scalars(views)
+    if len(zero) == 1:
+        (z,) = zero.values()
+        return ok_g, [torch.where(ok, g, z) for ok, g in zip(ok_g.unbind(0), views)]
     return ok_g, [torch.where(ok, g, zero[(g.dtype, g.device)]) for ok, g in zip(ok_g.unbind(0), views)]
 
 
@@ -179,7 +191,11 @@ def apply_update(
     shard with its rows of the full step."""
     oks = ok.unbind(0)
     zero = _zeros_like_scalars(directions)
-    parts = [b.from_view(torch.where(o, d, zero[(d.dtype, d.device)])) for o, b, d in zip(oks, plan.blocks, directions)]
+    if len(zero) == 1:
+        (z,) = zero.values()
+        parts = [b.from_view(torch.where(o, d, z)) for o, b, d in zip(oks, plan.blocks, directions)]
+    else:
+        parts = [b.from_view(torch.where(o, d, zero[(d.dtype, d.device)])) for o, b, d in zip(oks, plan.blocks, directions)]
     if sharding is not None:
         local = {(i, j): sharding.local(parts[i][j], params[i][j]) for _, _, members in plan.update_sets for i, j in members}
         params = [[local[(i, j)][0] if (i, j) in local else p for j, p in enumerate(ps)] for i, ps in enumerate(params)]
@@ -375,9 +391,11 @@ class UpdateRule:
             ok_g, ok_d = self._compiled(*args)
         else:
             ok_g, ok_d = update_step(*args)
-        ids = index_tensor(block_ids, ok_g.device)
-        self.health.count_device("skipped_nonfinite_grad", ids, ~ok_g)
-        self.health.count_device("skipped_nonfinite_direction", ids, ok_g & ~ok_d)
+        self.health.count_device(
+            ("skipped_nonfinite_grad", "skipped_nonfinite_direction"),
+            index_tensor(block_ids, ok_g.device),
+            torch.stack([~ok_g, ok_g & ~ok_d], dim=1),
+        )
 
     def _checked(self, plan: UpdatePlan, args: tuple[Any, ...], step: int) -> tuple[Tensor, Tensor]:
         """:func:`update_step` with the flags read on the host between its phases

@@ -202,27 +202,37 @@ class TensorNormal(CurvatureEstimator):
             # a subclass that overrides update() keeps its own rule for every block
             return super().update_group(blocks, states, evidence, decay=decay)
         buckets: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, dict[str, Any], float, Tensor | None, Tensor | None]]] = {}
+        fixed_rate = None if decay is None else 1.0 - decay
+        later_rate = 1.0 - self.config.stat_decay
         for block, state, ev in zip(blocks, states, evidence):
             grads = ev.gradients
-            if all(g is None for g in grads):
+            if len(grads) == 1:  # one parameter per block (the common case): no scans
+                if grads[0] is None:
+                    continue
+            elif all(g is None for g in grads):
                 continue
-            trace = state["trace"]
-            if any(g is None for g in grads):
+            elif any(g is None for g in grads):
                 grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, block.params)]
+            trace = state["trace"]
+            dtype = trace.dtype
             g = block.to_view(grads)
-            if g.dtype != trace.dtype:
-                g = g.to(trace.dtype)
-            d = decay if decay is not None else (0.0 if state["updates"] == 0 else self.config.stat_decay)
-            sq = ev.squared_norm if ev.squared_norm is not None and ev.squared_norm.dtype == trace.dtype else None
-            buckets.setdefault((trace.dtype, trace.device), []).append((g, state, 1.0 - d, ev.valid, sq))
+            if g.dtype != dtype:
+                g = g.to(dtype)
+            rate = fixed_rate if fixed_rate is not None else (1.0 if state["updates"] == 0 else later_rate)
+            sq = ev.squared_norm
+            if sq is not None and sq.dtype != dtype:
+                sq = None
+            key = (dtype, trace.device)
+            members = buckets.get(key)
+            if members is None:
+                members = buckets[key] = []
+            members.append((g, state, rate, ev.valid, sq))
             state["updates"] += 1
         for (dtype, device), members in buckets.items():
-            views = [m[0] for m in members]
             targets: list[Tensor] = [m[1]["trace"] for m in members]
-            if all(m[4] is not None for m in members):  # ||G||^2, the new trace
-                news: list[Tensor] = [m[4] for m in members]  # type: ignore[misc]
-            else:
-                norms = torch._foreach_norm(views)
+            news: list[Tensor] = [m[4] for m in members]  # type: ignore[misc]  # ||G||^2, the new trace
+            if any(n is None for n in news):
+                norms = torch._foreach_norm([m[0] for m in members])
                 news = list(torch._foreach_mul(norms, norms))
             owner = list(range(len(members)))  # the member each statistic belongs to
             for j, (g, state, _, _, _) in enumerate(members):
@@ -231,12 +241,15 @@ class TensorNormal(CurvatureEstimator):
                         targets.append(stat)
                         news.append(mode_gram(g, i))
                         owner.append(j)
-            if all(m[3] is None for m in members):
+            valids = [m[3] for m in members]
+            if all(v is None for v in valids):
                 torch._foreach_lerp_(targets, news, [members[j][2] for j in owner])
                 continue
             # invalid evidence (zeros) takes weight 0: its statistics stay exactly as they were
-            true = torch.ones((), dtype=torch.bool, device=device)
-            valid = torch.stack([true if m[3] is None else m[3] for m in members]).to(dtype)
+            if any(v is None for v in valids):
+                true = torch.ones((), dtype=torch.bool, device=device)
+                valids = [true if v is None else v for v in valids]
+            valid = torch.stack(valids).to(dtype)  # type: ignore[arg-type]
             rates = {m[2] for m in members}
             if len(rates) == 1:
                 takes = (valid * rates.pop()).unbind(0)

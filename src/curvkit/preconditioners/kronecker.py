@@ -67,21 +67,45 @@ class KroneckerMode(Preconditioner):
         gradients: Sequence[Tensor],
     ) -> list[Tensor]:
         r"""Blocks of order 1 or 2 whose inverses are dense matrices take the plain matrix
-        products (:math:`V_1 M V_2^\top`); on an accelerator, several of one view shape go
+        products (:math:`V_1 M V_2^\top`), written out here on the CPU (the per-block calls
+        through :meth:`apply` and :func:`~curvkit.contractions.mode_products` cost more Python
+        than the products of a small layer); on an accelerator, several of one view shape go
         through one batched ``matmul`` (one kernel launch instead of several; on the CPU the
         stacking copies cost more than the calls they save); the rest (eigenbases, operators,
-        higher orders) one by one."""
+        higher orders) one by one. A subclass that overrides :meth:`apply` gets every block
+        through it."""
         out: list[Tensor | None] = [None] * len(blocks)
         batches: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        own = type(self).apply is KroneckerMode.apply  # a subclass's apply() sees every block
         for i, (d, inv) in enumerate(zip(directions, inverses)):
             if inv is None:
                 out[i] = d
-            elif d.dim() in (1, 2) and len(inv) == d.dim() and all(v is None or isinstance(v, Tensor) for v in inv):
-                batches[(tuple(d.shape), tuple(v is None for v in inv))].append(i)
-            else:
+                continue
+            if not own:
                 out[i] = self.apply(blocks[i], states[i], d, inv, gradient=gradients[i])
+                continue
+            dim = d.dim()
+            if dim == 1 and len(inv) == 1:
+                (v,) = inv
+                if v is None or type(v) is Tensor:
+                    if d.is_cpu:  # one product, written out (no batching on the CPU)
+                        out[i] = d if v is None else (v if v.dtype == d.dtype else v.to(d.dtype)) @ d
+                    else:
+                        batches[(tuple(d.shape), (v is None,))].append(i)
+                    continue
+            elif dim == 2 and len(inv) == 2:
+                v0, v1 = inv
+                if (v0 is None or type(v0) is Tensor) and (v1 is None or type(v1) is Tensor):
+                    if d.is_cpu:
+                        dtype = d.dtype
+                        r = d if v0 is None else (v0 if v0.dtype == dtype else v0.to(dtype)) @ d
+                        out[i] = r if v1 is None else r @ (v1 if v1.dtype == dtype else v1.to(dtype)).T
+                    else:
+                        batches[(tuple(d.shape), (v0 is None, v1 is None))].append(i)
+                    continue
+            out[i] = self.apply(blocks[i], states[i], d, inv, gradient=gradients[i])
         for (_, pattern), idx in batches.items():
-            if len(idx) == 1 or all(pattern) or directions[idx[0]].device.type == "cpu":
+            if len(idx) == 1 or all(pattern):
                 for i in idx:
                     out[i] = self.apply(blocks[i], states[i], directions[i], inverses[i], gradient=gradients[i])
                 continue
