@@ -101,3 +101,19 @@ def test_gram_splits_only_large_cpu_products(monkeypatch):
     contractions.add_gram_(torch.zeros(m, m), torch.randn(m - 1, m))  # too few rows: one call
     contractions.add_gram_(torch.zeros(m - 1, m - 1), torch.randn(m, m - 1))  # too few columns
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("alpha", [1.0, 0.37, 2.5e5])
+def test_add_gram_with_beta_0_equals_beta_1_on_zeros_bitwise(monkeypatch, split, alpha):
+    """An estimator may skip zero-filling its sums (KFAC's first call writes with beta=0): the
+    values must be exactly those of adding to zeros, scaled ``alpha`` included."""
+    import curvkit.contractions as contractions
+
+    if split:
+        monkeypatch.setattr(contractions, "SPLIT_GRAM_MIN", 2)
+    torch.manual_seed(0)
+    x = torch.randn(37, 30)
+    onto_zeros = contractions.add_gram_(torch.zeros(30, 30), x, alpha=alpha, beta=1.0)
+    fresh = contractions.add_gram_(torch.full((30, 30), float("nan")), x, alpha=alpha, beta=0.0)
+    assert torch.equal(fresh, onto_zeros)

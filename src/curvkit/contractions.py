@@ -103,7 +103,8 @@ def add_gram_(out: Tensor, x: Tensor, *, alpha: float = 1.0, beta: float = 1.0) 
     400 does not gain (a 500 x 250 Gram took 1.3x as long), and GPUs keep the single call
     (untested there). The off-diagonal blocks come from one product, so they are exactly
     transposes of each other when ``out`` was symmetric (with ``beta=0`` its content is ignored,
-    NaN included); any other ``out`` gets its own content scaled in each block.
+    NaN included, and the result is bitwise what ``beta=1`` gives on a zero ``out``); any other
+    ``out`` gets its own content scaled in each block.
 
     Args:
         out: ``(d, d)``, updated in place.
@@ -121,7 +122,9 @@ def add_gram_(out: Tensor, x: Tensor, *, alpha: float = 1.0, beta: float = 1.0) 
     out[:h, :h].addmm_(x1.T, x1, beta=beta, alpha=alpha)
     out[h:, h:].addmm_(x2.T, x2, beta=beta, alpha=alpha)
     if beta == 0.0:
-        upper = out[:h, h:].addmm_(x1.T, x2, beta=0.0, alpha=alpha)
+        upper = out[:h, h:].addmm_(x1.T, x2, beta=0.0)
+        if alpha != 1.0:  # scaled after the product, as below: the same values as beta=1 on zeros
+            upper.mul_(alpha)
         out[h:, :h].copy_(upper.T)
         return out
     # both off-diagonal blocks from one product, each with its own content (any ``out``;

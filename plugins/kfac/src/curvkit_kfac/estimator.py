@@ -252,23 +252,34 @@ class KFACEstimator(CurvatureEstimator):
             out.update(A=counts, G=g_sum, examples=rows, rows=rows)
             return out
         has_bias = len(block.params) == 2
-        a_sum = None if A is None else torch.zeros_like(A)
-        g_sum = None if G is None else torch.zeros_like(G)
+        # the first call writes every entry of the sums (``beta=0``: no zero fill, no read of the
+        # fresh buffer's content); later calls (a tied weight) add to them
+        a_sum = None if A is None else torch.empty_like(A)
+        g_sum = None if G is None else torch.empty_like(G)
         examples = rows = 0
-        for module, inputs, grad in calls:
+        for k, (module, inputs, grad) in enumerate(calls):
             r = layer_rows(module, inputs.to(dtype) if inputs.is_floating_point() else inputs, grad.to(dtype))
             examples += r.examples
             rows += r.gradients.shape[0]
+            beta = 0.0 if k == 0 else 1.0
             if a_sum is not None:
                 a, d = r.activations, r.activations.shape[1]
-                add_gram_(a_sum[:d, :d], a)
+                if k == 0 and d + has_bias != a_sum.shape[0]:  # rows the Gram would not write
+                    a_sum.zero_()
+                    beta = 1.0
+                add_gram_(a_sum[:d, :d], a, beta=beta)
                 if has_bias:  # the homogeneous 1: column sums and the row count, without a copy of a
                     col = a.sum(0)
-                    a_sum[:d, d] += col
-                    a_sum[d, :d] += col
-                    a_sum[d, d] += a.shape[0]
+                    if beta == 0.0:
+                        a_sum[:d, d] = col
+                        a_sum[d, :d] = col
+                        a_sum[d, d] = a.shape[0]
+                    else:
+                        a_sum[:d, d] += col
+                        a_sum[d, :d] += col
+                        a_sum[d, d] += a.shape[0]
             if g_sum is not None:
-                add_gram_(g_sum, r.gradients, alpha=g_weight)
+                add_gram_(g_sum, r.gradients, alpha=g_weight, beta=0.0 if k == 0 else 1.0)
         out.update(A=a_sum, G=g_sum, examples=examples, rows=rows)
         return out
 
