@@ -153,8 +153,7 @@ def mode_gram(tensor: Tensor, mode: int) -> Tensor:
     if dim == 1:
         return torch.outer(tensor, tensor)
     if dim == 2:
-        x = tensor.T if mode == 0 else tensor
-        return gram(x) if _split_point(x) is not None else x.T @ x
+        return gram(tensor.T if mode == 0 else tensor)
     return contract(_gram_equation(dim, mode), tensor, tensor)
 
 

@@ -460,7 +460,7 @@ class EvidenceCollector:
             fed_blocks: list[Block] = []
             fed: list[BlockEvidence] = []
             for bi, b, gl, v, sq in zip(block_ids, blocks, evid, valid, squared):
-                if layer_io or v is not None or any(g is not None for g in gl):
+                if layer_io or any(g is not None for g in gl):
                     fed_ids.append(bi)
                     fed_blocks.append(b)
                     fed.append(BlockEvidence(gradients=gl, layer=layer, batch_size=batch_size, valid=v, squared_norm=sq))

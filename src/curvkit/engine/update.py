@@ -62,17 +62,6 @@ def _where_one(mask: Tensor, yes: Any, dtype: torch.dtype) -> Tensor:
     return _where_scalar(mask, yes, 1.0, dtype)
 
 
-def _zeros_like_scalars(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device], Tensor]:
-    """One 0-d zero per dtype and device of ``tensors``, shared by the masks of a phase:
-    ``torch.where(ok, x, 0.0)`` would build a scalar tensor per call."""
-    zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-    for t in tensors:
-        key = (t.dtype, t.device)
-        if key not in zeros:
-            zeros[key] = scalar_tensor(0.0, key[0], key[1])
-    return zeros
-
-
 @dataclass(frozen=True, eq=False)
 class UpdatePlan:
     """The Python side of one step's update (cached by :class:`UpdateRule` while it holds).
@@ -120,11 +109,7 @@ def gradient_views(plan: UpdatePlan, params: Sequence[Sequence[Tensor]], grads: 
         v = b.to_view(gs)
         views.append(v if v.dtype == w else v.to(w))
     ok_g = finite_flags(views)
-    zero = _zeros_like_scalars(views)
-    if len(zero) == 1:
-        (z,) = zero.values()
-        return ok_g, [torch.where(ok, g, z) for ok, g in zip(ok_g.unbind(0), views)]
-    return ok_g, [torch.where(ok, g, zero[(g.dtype, g.device)]) for ok, g in zip(ok_g.unbind(0), views)]
+    return ok_g, [torch.where(ok, g, scalar_tensor(0.0, g.dtype, g.device)) for ok, g in zip(ok_g.unbind(0), views)]
 
 
 def momentum_buffers(
@@ -190,12 +175,9 @@ def apply_update(
     (``sharding``, a :class:`~curvkit.engine.sharding.ShardedParams`) each rank updates its
     shard with its rows of the full step."""
     oks = ok.unbind(0)
-    zero = _zeros_like_scalars(directions)
-    if len(zero) == 1:
-        (z,) = zero.values()
-        parts = [b.from_view(torch.where(o, d, z)) for o, b, d in zip(oks, plan.blocks, directions)]
-    else:
-        parts = [b.from_view(torch.where(o, d, zero[(d.dtype, d.device)])) for o, b, d in zip(oks, plan.blocks, directions)]
+    parts = [
+        b.from_view(torch.where(o, d, scalar_tensor(0.0, d.dtype, d.device))) for o, b, d in zip(oks, plan.blocks, directions)
+    ]
     if sharding is not None:
         local = {(i, j): sharding.local(parts[i][j], params[i][j]) for _, _, members in plan.update_sets for i, j in members}
         params = [[local[(i, j)][0] if (i, j) in local else p for j, p in enumerate(ps)] for i, ps in enumerate(params)]
