@@ -342,6 +342,63 @@ def test_kronecker_apply_group_equals_mode_products_for_every_dense_pattern():
         torch.testing.assert_close(g, curvkit.contractions.mode_products(d, cast), rtol=0, atol=0)
 
 
+def _bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a floating tensor (so that -0.0, +0.0 and NaN payloads compare exactly)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _awkward(shape, dtype, gen):
+    """Random entries with the values a mask must carry through or drop: NaN, both infinities, -0.0."""
+    t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    flat = t.view(-1)
+    flat[0], flat[1], flat[2], flat[3] = float("nan"), float("inf"), float("-inf"), -0.0
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_zero_unless_is_where_bit_for_bit_above_and_below_the_bitwise_size(dtype):
+    from curvkit.engine import finite
+
+    gen = torch.Generator().manual_seed(0)
+    big = finite._BITWISE_MIN
+    tensors = [
+        _awkward((big,), dtype, gen),  # the bitwise path
+        _awkward((80, 70), dtype, gen),  # the bitwise path, a matrix
+        _awkward((70, 80), dtype, gen).T,  # the bitwise path, not contiguous
+        _awkward((big - 1,), dtype, gen),  # torch.where
+        _awkward((5, 3), dtype, gen),  # torch.where
+    ]
+    before = [t.clone() for t in tensors]
+    for pattern in ([True, False, True, False, True], [False, True, False, True, False], [True] * 5, [False] * 5):
+        flags = torch.tensor(pattern)
+        out = finite.zero_unless(flags, tensors)
+        for o, t, ok in zip(out, tensors, pattern):
+            ref = torch.where(torch.tensor(ok), t, torch.zeros((), dtype=dtype))
+            assert o.dtype == dtype and o.shape == t.shape
+            assert torch.equal(_bits_of(o.contiguous()), _bits_of(ref.contiguous()))  # -0.0 kept, NaN bits kept, +0.0 dropped
+        assert finite.zero_unless(flags, tensors, flag_list=flags.unbind(0))[1].data_ptr() != tensors[1].data_ptr()
+    for t, b in zip(tensors, before):
+        assert torch.equal(_bits_of(t.contiguous()), _bits_of(b.contiguous()))  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_select_is_where_bit_for_bit(dtype):
+    from curvkit.engine import finite
+
+    gen = torch.Generator().manual_seed(1)
+    n = finite._BITWISE_MIN + 3
+    yes, no = _awkward((n,), dtype, gen), _awkward((n,), dtype, gen).flip(0)
+    small_yes, small_no = _awkward((9,), dtype, gen), _awkward((9,), dtype, gen)
+    for ok in (torch.tensor(True), torch.tensor(False)):
+        for a, b in ((yes, no), (yes, 0.0), (yes, -0.0), (small_yes, small_no), (small_yes, 0.0)):
+            ref = torch.where(ok, a, b)
+            got = finite.select(ok, a, b)
+            assert torch.equal(_bits_of(got), _bits_of(ref.to(dtype)))
+    rows = torch.tensor([True, False])  # a condition with dimensions is torch.where itself
+    m = _awkward((2, n), dtype, gen)
+    assert torch.equal(_bits_of(finite.select(rows[:, None], m, 0.0)), _bits_of(torch.where(rows[:, None], m, 0.0)))
+
+
 def test_scalar_tensors_are_cached_exact_and_bounded():
     from curvkit.engine import finite
 

@@ -40,7 +40,7 @@ from ..blocks import Block
 from ..fisher import LossSpec, sampled_loss, sampled_output_gradient
 from ..hooks import LayerRecorder
 from ..interfaces import BlockEvidence, CurvatureEstimator, Source
-from .finite import finite_flags, finite_norms, scalar_tensor
+from .finite import finite_flags, finite_norms, scalar_tensor, zero_unless
 from .health import HealthMonitor, index_tensor
 from .runstate import RunState
 
@@ -449,9 +449,16 @@ class EvidenceCollector:
             self.health.count_device(
                 "skipped_nonfinite_evidence", index_tensor([block_ids[i] for i in ids], ok.device), ~ok
             )
-            for i, v in zip(ids, ok.unbind(0)):
+            oks = ok.unbind(0)
+            for i, v in zip(ids, oks):
                 valid[i] = v
-                evid[i] = [None if g is None else torch.where(v, g, scalar_tensor(0.0, g.dtype, g.device)) for g in evid[i]]
+            if ids is owners:
+                safe = iter(zero_unless(ok, present, flag_list=oks))  # the present tensors, in their order
+            else:  # each tensor takes its block's flag
+                position = {i: j for j, i in enumerate(ids)}
+                safe = iter(zero_unless(ok[index_tensor([position[i] for i in owners], ok.device)], present))
+            for i in ids:
+                evid[i] = [None if g is None else next(safe) for g in evid[i]]
         layer = self.recorder
         layer_io = self.spec.layer_io
         states = self.states

@@ -14,10 +14,17 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["finite_flags", "finite_norms", "scalar_tensor"]
+__all__ = ["finite_flags", "finite_norms", "scalar_tensor", "select", "zero_unless"]
 
 _SCALARS: dict[tuple[float, float, torch.dtype, torch.device], Tensor] = {}
 _MAX_SCALARS = 256
+#: The integer type of each floating type's bits (same element size), for :func:`zero_unless`.
+_BITS: dict[torch.dtype, torch.dtype] = {
+    torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+}
+#: From this many entries a bitwise AND beats ``torch.where`` (measured on this project's CPU: at
+#: 4,096 entries 7.3 against 8.6 us, at 131,072 25 against 149 us; below, the two extra views cost more).
+_BITWISE_MIN = 4096
 
 
 def finite_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -62,3 +69,58 @@ def scalar_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Ten
             _SCALARS.clear()
         t = _SCALARS[key] = torch.full((), value, dtype=dtype, device=device)
     return t
+
+
+def zero_unless(flags: Tensor, tensors: Sequence[Tensor], *, flag_list: Sequence[Tensor] | None = None) -> list[Tensor]:
+    r"""``[torch.where(flags[i], tensors[i], 0) for i]``, bitwise the same, without ``where``'s cost.
+
+    ``torch.where`` with a 0-d condition runs an unvectorised loop on the CPU (about 1 ns per
+    entry on one thread, 6x a bitwise AND at 131,072 entries). A tensor of at least
+    :data:`_BITWISE_MIN` floating entries is instead ANDed, reinterpreted as integers of its
+    width, with a 0-d mask of all ones (keep: the same bits) or all zeros (drop: :math:`+0.0`,
+    whatever the entries were, NaN and infinities included). The inputs are not modified.
+
+    Args:
+        flags: ``(n,)`` bool, one flag per tensor.
+        tensors: ``n`` tensors.
+        flag_list: ``flags.unbind(0)``, when the caller has it already.
+    """
+    oks = flags.unbind(0) if flag_list is None else flag_list
+    out = []
+    masks: dict[torch.dtype, Tensor] = {}
+    compiling = torch.compiler.is_compiling()  # inductor fuses the select into a vectorised kernel anyway
+    for i, (ok, t) in enumerate(zip(oks, tensors)):
+        bits = _BITS.get(t.dtype)
+        if bits is None or t.numel() < _BITWISE_MIN or compiling or t.device != flags.device:
+            zero = torch.zeros((), dtype=t.dtype, device=t.device) if compiling else scalar_tensor(0.0, t.dtype, t.device)
+            out.append(torch.where(ok, t, zero))
+            continue
+        mask = masks.get(bits)
+        if mask is None:  # -1: every bit set; 0: none
+            mask = masks[bits] = flags.to(bits).neg_()
+        out.append(torch.bitwise_and(t.view(bits), mask[i]).view(t.dtype))
+    return out
+
+
+def select(ok: Tensor, yes: Tensor, no: Tensor | float) -> Tensor:
+    r"""``torch.where(ok, yes, no)`` for a 0-d ``ok``, bitwise the same, at a bitwise operation's
+    cost (see :func:`zero_unless`): ``no = 0.0`` ANDs ``yes``'s bits with an all-ones or all-zeros
+    mask; a tensor ``no`` of ``yes``'s shape and dtype takes :math:`n \oplus ((n \oplus y) \wedge m)`
+    on the integer views (half ``where``'s time at a million entries). Anything else (a ``ok``
+    with dimensions, small or non-floating tensors, broadcasting, another device, under
+    :func:`torch.compile`) is ``torch.where`` itself. The inputs are not modified.
+    """
+    bits = _BITS.get(yes.dtype)
+    zero = not isinstance(no, Tensor) and no == 0.0 and math.copysign(1.0, no) > 0
+    if (
+        bits is None or ok.dim() != 0 or yes.numel() < _BITWISE_MIN or ok.device != yes.device
+        or torch.compiler.is_compiling()
+        or not (zero or (isinstance(no, Tensor) and no.dtype == yes.dtype and no.shape == yes.shape and no.device == yes.device))
+    ):
+        return torch.where(ok, yes, no)
+    mask = ok.to(bits).neg_()
+    if zero:
+        return torch.bitwise_and(yes.view(bits), mask).view(yes.dtype)
+    other = no.view(bits)  # type: ignore[union-attr]
+    out = torch.bitwise_xor(other, yes.view(bits))
+    return out.bitwise_and_(mask).bitwise_xor_(other).view(yes.dtype)

@@ -37,7 +37,7 @@ from torch import Tensor
 from ..blocks import Block
 from ..estimators.tensor_normal import statistics_dtype
 from ..interfaces import Preconditioner
-from .finite import finite_flags, scalar_tensor
+from .finite import finite_flags, scalar_tensor, zero_unless
 from .health import HealthMonitor, index_tensor
 
 __all__ = ["UpdatePlan", "UpdateRule", "update_step"]
@@ -109,7 +109,7 @@ def gradient_views(plan: UpdatePlan, params: Sequence[Sequence[Tensor]], grads: 
         v = b.to_view(gs)
         views.append(v if v.dtype == w else v.to(w))
     ok_g = finite_flags(views)
-    return ok_g, [torch.where(ok, g, scalar_tensor(0.0, g.dtype, g.device)) for ok, g in zip(ok_g.unbind(0), views)]
+    return ok_g, zero_unless(ok_g, views)
 
 
 def momentum_buffers(
@@ -175,9 +175,7 @@ def apply_update(
     (``sharding``, a :class:`~curvkit.engine.sharding.ShardedParams`) each rank updates its
     shard with its rows of the full step."""
     oks = ok.unbind(0)
-    parts = [
-        b.from_view(torch.where(o, d, scalar_tensor(0.0, d.dtype, d.device))) for o, b, d in zip(oks, plan.blocks, directions)
-    ]
+    parts = [b.from_view(d) for b, d in zip(plan.blocks, zero_unless(ok, directions, flag_list=oks))]
     if sharding is not None:
         local = {(i, j): sharding.local(parts[i][j], params[i][j]) for _, _, members in plan.update_sets for i, j in members}
         params = [[local[(i, j)][0] if (i, j) in local else p for j, p in enumerate(ps)] for i, ps in enumerate(params)]

@@ -47,6 +47,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvkit.engine.finite import select
+
 __all__ = [
     "LM_FORMS",
     "accept_pair",
@@ -98,7 +100,7 @@ def bfgs_inverse_update_where(h: Tensor, s: Tensor, y: Tensor, accept: Tensor) -
 
 def restart_where(h: Tensor, reset: Tensor, diagonal: float) -> Tensor:
     """``diagonal * I`` where ``reset`` (a 0-d bool tensor) holds, ``h`` otherwise (one pass)."""
-    out = torch.where(reset, 0.0, h)
+    out = select(~reset, h, 0.0)
     out.diagonal().add_(reset.to(out.dtype) * diagonal)
     return out
 
@@ -200,7 +202,7 @@ def lbfgs_push(
     y_new = torch.cat([y_rows[1:], y[None]])
     v_new = torch.cat([valid[1:], valid.new_ones(1)])
     return (
-        torch.where(accept, s_new, s_rows),
-        torch.where(accept, y_new, y_rows),
+        select(accept, s_new, s_rows),
+        select(accept, y_new, y_rows),
         torch.where(accept, v_new, valid),
     )

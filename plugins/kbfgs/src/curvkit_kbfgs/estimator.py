@@ -83,6 +83,7 @@ from curvkit import (
 from curvkit.safeguards import CurvkitWarning
 from curvkit.config import check_choice, check_in_unit_interval, check_nonnegative, check_positive_int
 from curvkit.contractions import gram
+from curvkit.engine.finite import select
 
 from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update_where, double_damping, lbfgs_push, restart_where
 from .layers import FALLBACK_KIND, LayerMeans, layer_inputs, layer_means, plan_blocks
@@ -309,7 +310,7 @@ class KBFGSEstimator(CurvatureEstimator):
             new = torch.lerp(batch, old, keep)
         # a non-finite entry of a (or an overflow) always shows on the diagonal of a^T a
         finite = torch.isfinite(batch.diagonal()).all()
-        state["A"] = torch.where(finite, new, old)
+        state["A"] = select(finite, new, old)
         state["fresh"] = state["fresh"] & ~finite
         state["updates"] += 1
         if "h" in statistics:  # the step's means at theta_t, for this step's after_step only
@@ -423,7 +424,7 @@ class KBFGSEstimator(CurvatureEstimator):
                 # restart: A from the next batch, H_a = (0 + sqrt(lambda) I)^-1, the exact damped
                 # inverse of the restarted A (BFGS pairs then track the new A)
                 st["Ha"] = restart_where(ha, reset, 1.0 / mu)
-                st["A"] = torch.where(reset, 0.0, st["A"])
+                st["A"] = select(~reset, st["A"], 0.0)
                 st["fresh"] = st["fresh"] | reset
                 counts["resets"] = counts["resets"] + reset
                 counts["a_pairs"] = counts["a_pairs"] + ok
@@ -492,6 +493,7 @@ class KBFGSEstimator(CurvatureEstimator):
             st["Hg"] = restart_where(bfgs_inverse_update_where(st["Hg"], s, y, accept), reset, 1.0)
             return
         S, Y, valid = lbfgs_push(st["S"], st["Y"], st["valid"], s, y, accept)
-        st["S"] = torch.where(reset, 0.0, S)
-        st["Y"] = torch.where(reset, 0.0, Y)
+        keep = ~reset
+        st["S"] = select(keep, S, 0.0)
+        st["Y"] = select(keep, Y, 0.0)
         st["valid"] = valid & ~reset
