@@ -399,6 +399,20 @@ def test_select_is_where_bit_for_bit(dtype):
     assert torch.equal(_bits_of(finite.select(rows[:, None], m, 0.0)), _bits_of(torch.where(rows[:, None], m, 0.0)))
 
 
+@pytest.mark.parametrize("n", [9, 5000])
+def test_zero_unless_in_place_keeps_or_zeroes_the_same_tensor(n):
+    from curvkit.engine import finite
+
+    gen = torch.Generator().manual_seed(n)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        t = _awkward((n,), dtype, gen)
+        for ok in (torch.tensor(True), torch.tensor(False)):
+            ref = torch.where(ok, t, torch.zeros((), dtype=dtype))
+            work = t.clone()
+            assert finite.zero_unless_(ok, work) is work
+            assert torch.equal(_bits_of(work), _bits_of(ref))
+
+
 def test_scalar_tensors_are_cached_exact_and_bounded():
     from curvkit.engine import finite
 

@@ -115,6 +115,25 @@ def test_interleave_runs_every_job_once_per_round_in_different_orders():
     assert {s[0] for s in per_round} != {"a"}  # not always the same job first
 
 
+def test_distributed_shampoo_peer_runs_where_its_factors_update_every_step(monkeypatch):
+    """Distributed Shampoo updates its factors at every step, so it is a peer of Shampoo at the
+    schedules with T1 = 1 only, with Shampoo's floor; without the package it is listed as not
+    installed."""
+    from benchmarks.steptime import cases as C
+
+    installed = {"ASDL": False, "heavyball": False, "torch.optim.Muon": False, "Distributed Shampoo": True}
+    monkeypatch.setattr(C, "peers_installed", lambda: dict(installed))
+    found, _, missing = C.discover_cases([(1, 20), (10, 100), (1, 7)])
+    peers = [c for c in found if c.name == "Distributed Shampoo"]
+    assert [c.schedule for c in peers] == [(1, 20), (1, 7)]
+    assert all(c.kind == "peer" and c.peer_of == "Shampoo" and c.recipe == "shampoo" for c in peers)
+    assert not any("Distributed Shampoo" in m for m in missing)
+    installed["Distributed Shampoo"] = False
+    found, _, missing = C.discover_cases([(1, 20)])
+    assert not any(c.name == "Distributed Shampoo" for c in found)
+    assert any(m.startswith("Distributed Shampoo") for m in missing)
+
+
 def test_parse_schedules():
     assert cli.parse_schedules("1:20, 10:100") == [(1, 20), (10, 100)]
     for bad in ("1-20", "0:20", "", "1:2:3"):

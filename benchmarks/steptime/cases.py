@@ -20,7 +20,11 @@ Cases (:class:`Case`):
   with Monte-Carlo-sampled targets, Shampoo and K-BFGS, each driving a :class:`torch.optim.SGD`
   with momentum 0.9; heavyball's SOAP (eager: heavyball's ``torch.compile`` is switched off so
   that its compile time does not count and the comparison is eager against eager);
-  :class:`torch.optim.Muon` on the weight matrices with Adam on the biases.
+  :class:`torch.optim.Muon` on the weight matrices with Adam on the biases; Distributed Shampoo
+  (facebookresearch/optimizers, the ``distributed_shampoo`` package, not on PyPI: install it from
+  a clone) at each schedule with :math:`T_1 = 1`, configured for Shampoo's work here: factor EMA
+  0.9, :math:`\epsilon` 3e-4, roots :math:`-1/(2k)` by ``eigh`` every :math:`T_2` steps, no
+  grafting, no blocking.
 
 Every step is the training step of :mod:`benchmarks.runner`: forward, loss, ``zero_grad``,
 ``update_curvature`` (curvkit; a no-op unless sampled statistics are due), ``backward``,
@@ -90,6 +94,7 @@ RECIPE_OF: dict[str, str] = {
     "ASDL KFAC": "kfac",
     "ASDL Shampoo": "shampoo",
     "ASDL KBFGS": "kbfgs",
+    "Distributed Shampoo": "shampoo",
 }
 _ORDER = ("SGD-m", "Adam", "TNT", "TNT-empirical", "KFAC", "Shampoo", "KBFGS", "KBFGS_L")
 #: Settings of the peers (lr, damping as in the paper's MNIST table; they do not change the cost).
@@ -181,6 +186,7 @@ def peers_installed() -> dict[str, bool]:
         "ASDL": importlib.util.find_spec("asdl") is not None,
         "heavyball": importlib.util.find_spec("heavyball") is not None,
         "torch.optim.Muon": hasattr(torch.optim, "Muon"),
+        "Distributed Shampoo": importlib.util.find_spec("distributed_shampoo") is not None,
     }
 
 
@@ -230,6 +236,11 @@ def discover_cases(schedules: Sequence[tuple[int, int]], *, peers: bool = True) 
                                   f"heavyball.SOAP (precondition_frequency={t2}, eager)"))
         else:
             not_installed.append("heavyball (pip install heavyball)")
+        if have["Distributed Shampoo"]:  # it updates its factors at every step: T1 = 1 only
+            cases.extend(Case("Distributed Shampoo", "peer", tuple(s), "facebookresearch/optimizers DistributedShampoo "
+                              f"(eigh roots every {s[1]} steps, no grafting)", "Shampoo") for s in schedules if s[0] == 1)
+        else:
+            not_installed.append("Distributed Shampoo (facebookresearch/optimizers, from a clone)")
         if have["torch.optim.Muon"]:
             cases.append(Case("torch Muon", "peer", None, "torch.optim.Muon on weight matrices + Adam on biases"))
         else:
@@ -303,6 +314,8 @@ def build_stepper(case: Case, model: nn.Module, x: Tensor, y: Tensor) -> Stepper
         t2 = case.schedule[1] if case.schedule else 20
         opt = heavyball.SOAP(model.parameters(), lr=3e-3, precondition_frequency=t2, use_precond_schedule=False)
         return _plain(model, [opt], x, y, note="heavyball eager (compile_mode=None)")
+    if case.name == "Distributed Shampoo":
+        return _distributed_shampoo(case, model, x, y)
     if case.name == "torch Muon":
         mats = [p for p in model.parameters() if p.ndim == 2]
         rest = [p for p in model.parameters() if p.ndim != 2]
@@ -354,6 +367,23 @@ def _curvkit(case: Case, model: nn.Module, x: Tensor, y: Tensor) -> Stepper:
         return loss.detach()
 
     return Stepper(step, lambda: state_bytes(opt.state_dict()), f"settings {kwargs}")
+
+
+def _distributed_shampoo(case: Case, model: nn.Module, x: Tensor, y: Tensor) -> Stepper:
+    """Distributed Shampoo doing Shampoo's work of the ``mnist-ae`` settings: per-mode factor
+    EMAs (decay 0.9) updated every step, damped inverse roots :math:`(L + \epsilon I)^{-1/(2k)}`
+    by ``eigh`` every :math:`T_2` steps (its default root solver and exponent), the gradient's
+    EMA (0.9) as momentum, no grafting, no blocking below 4,096, no bias correction."""
+    from distributed_shampoo import DistributedShampoo
+
+    from ..settings import settings_for
+
+    kw = settings_for("mnist-ae", "Shampoo").kwargs
+    t2 = case.schedule[1] if case.schedule is not None else 20
+    opt = DistributedShampoo(model.parameters(), lr=kw["lr"], betas=(0.9, 0.9), epsilon=kw["damping"],
+                             max_preconditioner_dim=4096, precondition_frequency=t2, start_preconditioning_step=t2,
+                             use_bias_correction=False, grafting_config=None)
+    return _plain(model, [opt], x, y, note=f"DistributedShampoo(precondition_frequency={t2})")
 
 
 def _nvtx_no_op() -> None:

@@ -12,8 +12,10 @@ from curvkit_kbfgs.bfgs import (
     double_damping,
     lbfgs_apply,
     lbfgs_matrix,
+    restart_,
     restart_where,
 )
+from curvkit_kbfgs.bfgs import _symmetric_cross
 
 D = torch.float64
 
@@ -77,6 +79,33 @@ def test_restart_where_gives_a_scaled_identity_or_the_matrix():
     assert torch.equal(restart_where(h, torch.tensor(True), 2.5), 2.5 * torch.eye(4, dtype=D))
     g = torch.randn(4, 4, dtype=D)
     assert torch.equal(restart_where(g, torch.tensor(False), 2.5), g)
+
+
+@pytest.mark.parametrize("d", [4, 70])  # below and above the size of the bitwise masks
+def test_in_place_restart_is_restart_where_on_the_same_tensor(d):
+    gen = torch.Generator().manual_seed(d)
+    for dtype in (D, torch.float32):
+        g = torch.randn(d, d, generator=gen, dtype=D).to(dtype)
+        g[0, 1] = -0.0
+        for reset in (torch.tensor(True), torch.tensor(False)):
+            ref = restart_where(g, reset, 2.5)
+            work = g.clone()
+            out = restart_(work, reset, 2.5)
+            assert out is work
+            assert torch.equal(out.view(torch.int64 if dtype == D else torch.int32),
+                               ref.view(torch.int64 if dtype == D else torch.int32))
+        poisoned = torch.full((d, d), float("nan"), dtype=dtype)
+        assert torch.equal(restart_(poisoned, torch.tensor(True), 2.5), 2.5 * torch.eye(d, dtype=dtype))
+
+
+@pytest.mark.parametrize("d", [7, 785, 1001])
+def test_symmetric_cross_is_c_plus_c_transposed_bit_for_bit(d):
+    gen = torch.Generator().manual_seed(d)
+    for dtype in (D, torch.float32):
+        a, b = (torch.randn(d, generator=gen, dtype=D).to(dtype) for _ in range(2))
+        c = torch.outer(a, b)
+        got = _symmetric_cross(a, b)
+        assert torch.equal(got, c + c.T) and torch.equal(got, got.T)
 
 
 def powell_case(kind: str, gen: torch.Generator, d: int = 5):

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["finite_flags", "finite_norms", "scalar_tensor", "select", "zero_unless"]
+__all__ = ["finite_flags", "finite_norms", "scalar_tensor", "select", "zero_unless", "zero_unless_"]
 
 _SCALARS: dict[tuple[float, float, torch.dtype, torch.device], Tensor] = {}
 _MAX_SCALARS = 256
@@ -124,3 +124,21 @@ def select(ok: Tensor, yes: Tensor, no: Tensor | float) -> Tensor:
     other = no.view(bits)  # type: ignore[union-attr]
     out = torch.bitwise_xor(other, yes.view(bits))
     return out.bitwise_and_(mask).bitwise_xor_(other).view(yes.dtype)
+
+
+def zero_unless_(ok: Tensor, tensor: Tensor) -> Tensor:
+    """In place: ``tensor`` as it is where the 0-d ``ok`` holds, :math:`+0.0` everywhere otherwise
+    (the bits of ``torch.where(ok, tensor, 0)``, see :func:`zero_unless`); returns ``tensor``.
+
+    For a tensor the caller owns (a fresh result, its own state): no allocation and, for a large
+    floating tensor, one in-place AND of its bits instead of a copy; smaller or other tensors take
+    ``masked_fill_``.
+    """
+    bits = _BITS.get(tensor.dtype)
+    if (
+        bits is None or ok.dim() != 0 or tensor.numel() < _BITWISE_MIN or ok.device != tensor.device
+        or torch.compiler.is_compiling()
+    ):
+        return tensor.masked_fill_(~ok, 0.0)
+    tensor.view(bits).bitwise_and_(ok.to(bits).neg_())
+    return tensor

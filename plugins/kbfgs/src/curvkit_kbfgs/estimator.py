@@ -83,9 +83,9 @@ from curvkit import (
 from curvkit.safeguards import CurvkitWarning
 from curvkit.config import check_choice, check_in_unit_interval, check_nonnegative, check_positive_int
 from curvkit.contractions import gram
-from curvkit.engine.finite import select
+from curvkit.engine.finite import select, zero_unless_
 
-from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update_where, double_damping, lbfgs_push, restart_where
+from .bfgs import LM_FORMS, accept_pair, bfgs_inverse_update_where, double_damping, lbfgs_push, restart_
 from .layers import FALLBACK_KIND, LayerMeans, layer_inputs, layer_means, plan_blocks
 from .operator import LBFGSOperator
 
@@ -423,8 +423,8 @@ class KBFGSEstimator(CurvatureEstimator):
                 ha = bfgs_inverse_update_where(st["Ha"], s_a, y_a, ok)
                 # restart: A from the next batch, H_a = (0 + sqrt(lambda) I)^-1, the exact damped
                 # inverse of the restarted A (BFGS pairs then track the new A)
-                st["Ha"] = restart_where(ha, reset, 1.0 / mu)
-                st["A"] = select(~reset, st["A"], 0.0)
+                st["Ha"] = restart_(ha, reset, 1.0 / mu)  # ha is this step's fresh result
+                zero_unless_(~reset, st["A"])
                 st["fresh"] = st["fresh"] | reset
                 counts["resets"] = counts["resets"] + reset
                 counts["a_pairs"] = counts["a_pairs"] + ok
@@ -490,10 +490,10 @@ class KBFGSEstimator(CurvatureEstimator):
         """Fold an accepted pair into H_g (dense BFGS or the pair memory); ``reset`` restarts H_g
         from the identity (an empty memory). Both are 0-d bool tensors."""
         if self.config.memory is None:
-            st["Hg"] = restart_where(bfgs_inverse_update_where(st["Hg"], s, y, accept), reset, 1.0)
+            st["Hg"] = restart_(bfgs_inverse_update_where(st["Hg"], s, y, accept), reset, 1.0)
             return
         S, Y, valid = lbfgs_push(st["S"], st["Y"], st["valid"], s, y, accept)
-        keep = ~reset
-        st["S"] = select(keep, S, 0.0)
-        st["Y"] = select(keep, Y, 0.0)
+        keep = ~reset  # S, Y: fresh from lbfgs_push
+        st["S"] = zero_unless_(keep, S)
+        st["Y"] = zero_unless_(keep, Y)
         st["valid"] = valid & ~reset
