@@ -370,7 +370,7 @@ def _curvkit(case: Case, model: nn.Module, x: Tensor, y: Tensor) -> Stepper:
 
 
 def _distributed_shampoo(case: Case, model: nn.Module, x: Tensor, y: Tensor) -> Stepper:
-    """Distributed Shampoo doing Shampoo's work of the ``mnist-ae`` settings: per-mode factor
+    r"""Distributed Shampoo doing Shampoo's work of the ``mnist-ae`` settings: per-mode factor
     EMAs (decay 0.9) updated every step, damped inverse roots :math:`(L + \epsilon I)^{-1/(2k)}`
     by ``eigh`` every :math:`T_2` steps (its default root solver and exponent), the gradient's
     EMA (0.9) as momentum, no grafting, no blocking below 4,096, no bias correction."""

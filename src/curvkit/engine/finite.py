@@ -76,7 +76,7 @@ def zero_unless(flags: Tensor, tensors: Sequence[Tensor], *, flag_list: Sequence
 
     ``torch.where`` with a 0-d condition runs an unvectorised loop on the CPU (about 1 ns per
     entry on one thread, 6x a bitwise AND at 131,072 entries). A tensor of at least
-    :data:`_BITWISE_MIN` floating entries is instead ANDed, reinterpreted as integers of its
+    4,096 (``_BITWISE_MIN``) floating entries is instead ANDed, reinterpreted as integers of its
     width, with a 0-d mask of all ones (keep: the same bits) or all zeros (drop: :math:`+0.0`,
     whatever the entries were, NaN and infinities included). The inputs are not modified.
 
