@@ -56,6 +56,23 @@ def test_cholesky_equals_explicit_inverse_and_rejects_indefinite():
         curvkit.Cholesky().invert(-torch.eye(3).unsqueeze(0), damping=torch.tensor([0.1]), order=torch.tensor([1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_damped_inverse_marks_only_the_failed_factor_of_a_batch_nan(dtype):
+    """A factor whose damped Cholesky factorisation fails comes back all NaN (the caller's
+    per-factor retry reads that), its batch-mates exactly as inverted alone."""
+    from curvkit.matrix_functions import damped_inverse
+
+    good = random_psd(2, 70).to(dtype)
+    batch = torch.stack([good[0], -torch.eye(70, dtype=dtype), good[1]])
+    damping = torch.tensor([0.1, 0.1, 0.1], dtype=dtype)
+    out = damped_inverse(batch, damping)
+    assert torch.isnan(out[1]).all()
+    for i, g in ((0, good[0]), (2, good[1])):
+        assert torch.equal(out[i], damped_inverse(g.unsqueeze(0), damping[:1])[0])
+        ref = torch.linalg.inv(g.double() + 0.1 * torch.eye(70, dtype=torch.float64))
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-3 if dtype == torch.float32 else 1e-9, atol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
 def test_eigen_clips_negative_eigenvalues_of_noisy_psd():
     a = torch.diag(torch.tensor([1.0, -1e-9, 0.0], dtype=torch.float64)).unsqueeze(0)
     out = curvkit.DampedEigen().invert(a, damping=torch.tensor([0.1], dtype=torch.float64), order=torch.tensor([1]))

@@ -8,6 +8,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: The integer type of each floating type's bits (same element size).
+_BITS: dict[torch.dtype, torch.dtype] = {
+    torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+}
+
 __all__ = ["damped_cholesky_inverse", "damped_eigen_power", "damped_inverse", "shifted_eigh", "symmetrize"]
 
 
@@ -110,4 +115,11 @@ def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
     damped = matrix + matrix.transpose(-1, -2)  # 2 (A + eps I), symmetrised; halved below
     damped.diagonal(dim1=-2, dim2=-1).add_(damping[..., None], alpha=2.0)
     chol, info = torch.linalg.cholesky_ex(damped.mul_(0.5))
-    return torch.cholesky_inverse(chol).masked_fill_((info != 0)[..., None, None], float("nan"))
+    out = torch.cholesky_inverse(chol)
+    bits = _BITS.get(out.dtype)
+    if bits is None or torch.compiler.is_compiling():
+        return out.masked_fill_((info != 0)[..., None, None], float("nan"))
+    # NaN where the factorisation failed, as an in-place OR of the bits with all ones (a NaN) or
+    # zeros (the same bits): masked_fill_ with a (b, 1, 1) mask tests the mask at every entry
+    out.view(bits).bitwise_or_((info != 0).to(bits).neg_()[..., None, None])
+    return out
