@@ -86,18 +86,26 @@ def zero_unless(flags: Tensor, tensors: Sequence[Tensor], *, flag_list: Sequence
     oks = flags.unbind(0) if flag_list is None else flag_list
     out = []
     masks: dict[torch.dtype, Tensor] = {}
-    compiling = torch.compiler.is_compiling()  # inductor fuses the select into a vectorised kernel anyway
     for i, (ok, t) in enumerate(zip(oks, tensors)):
-        bits = _BITS.get(t.dtype)
-        if bits is None or t.numel() < _BITWISE_MIN or compiling or t.device != flags.device:
-            zero = torch.zeros((), dtype=t.dtype, device=t.device) if compiling else scalar_tensor(0.0, t.dtype, t.device)
-            out.append(torch.where(ok, t, zero))
+        bits = _bitwise_dtype(flags, t)
+        if bits is None:
+            out.append(torch.where(ok, t, scalar_tensor(0.0, t.dtype, t.device)))
             continue
         mask = masks.get(bits)
         if mask is None:  # -1: every bit set; 0: none
             mask = masks[bits] = flags.to(bits).neg_()
         out.append(torch.bitwise_and(t.view(bits), mask[i]).view(t.dtype))
     return out
+
+
+def _bitwise_dtype(flags: Tensor, tensor: Tensor) -> torch.dtype | None:
+    """The integer dtype to select ``tensor``'s bits in, or ``None`` where ``torch.where`` is the
+    better (or the only) way: non-floating or small tensors, flags on another device, and under
+    :func:`torch.compile` (inductor fuses the select into a vectorised kernel anyway)."""
+    bits = _BITS.get(tensor.dtype)
+    if bits is None or tensor.numel() < _BITWISE_MIN or flags.device != tensor.device or torch.compiler.is_compiling():
+        return None
+    return bits
 
 
 def select(ok: Tensor, yes: Tensor, no: Tensor | float) -> Tensor:
@@ -108,12 +116,10 @@ def select(ok: Tensor, yes: Tensor, no: Tensor | float) -> Tensor:
     with dimensions, small or non-floating tensors, broadcasting, another device, under
     :func:`torch.compile`) is ``torch.where`` itself. The inputs are not modified.
     """
-    bits = _BITS.get(yes.dtype)
+    bits = _bitwise_dtype(ok, yes) if ok.dim() == 0 else None
     zero = not isinstance(no, Tensor) and no == 0.0 and math.copysign(1.0, no) > 0
-    if (
-        bits is None or ok.dim() != 0 or yes.numel() < _BITWISE_MIN or ok.device != yes.device
-        or torch.compiler.is_compiling()
-        or not (zero or (isinstance(no, Tensor) and no.dtype == yes.dtype and no.shape == yes.shape and no.device == yes.device))
+    if bits is None or not (
+        zero or (isinstance(no, Tensor) and no.dtype == yes.dtype and no.shape == yes.shape and no.device == yes.device)
     ):
         return torch.where(ok, yes, no)
     mask = ok.to(bits).neg_()
@@ -132,11 +138,8 @@ def zero_unless_(ok: Tensor, tensor: Tensor) -> Tensor:
     floating tensor, one in-place AND of its bits instead of a copy; smaller or other tensors take
     ``masked_fill_``.
     """
-    bits = _BITS.get(tensor.dtype)
-    if (
-        bits is None or ok.dim() != 0 or tensor.numel() < _BITWISE_MIN or ok.device != tensor.device
-        or torch.compiler.is_compiling()
-    ):
+    bits = _bitwise_dtype(ok, tensor) if ok.dim() == 0 else None
+    if bits is None:
         return tensor.masked_fill_(~ok, 0.0)
     tensor.view(bits).bitwise_and_(ok.to(bits).neg_())
     return tensor
