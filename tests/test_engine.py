@@ -356,17 +356,17 @@ def _awkward(shape, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_zero_unless_is_where_bit_for_bit_above_and_below_the_bitwise_size(dtype):
+def test_zero_unless_is_where_bit_for_bit(dtype):
     from curvkit.engine import finite
 
     gen = torch.Generator().manual_seed(0)
     big = finite._BITWISE_MIN
     tensors = [
-        _awkward((big,), dtype, gen),  # the bitwise path
-        _awkward((80, 70), dtype, gen),  # the bitwise path, a matrix
-        _awkward((70, 80), dtype, gen).T,  # the bitwise path, not contiguous
-        _awkward((big - 1,), dtype, gen),  # torch.where
-        _awkward((5, 3), dtype, gen),  # torch.where
+        _awkward((big,), dtype, gen),
+        _awkward((80, 70), dtype, gen),  # a matrix
+        _awkward((70, 80), dtype, gen).T,  # not contiguous
+        _awkward((big - 1,), dtype, gen),
+        _awkward((5, 3), dtype, gen),
     ]
     before = [t.clone() for t in tensors]
     for pattern in ([True, False, True, False, True], [False, True, False, True, False], [True] * 5, [False] * 5):
@@ -379,6 +379,27 @@ def test_zero_unless_is_where_bit_for_bit_above_and_below_the_bitwise_size(dtype
         assert finite.zero_unless(flags, tensors, flag_list=flags.unbind(0))[1].data_ptr() != tensors[1].data_ptr()
     for t, b in zip(tensors, before):
         assert torch.equal(_bits_of(t.contiguous()), _bits_of(b.contiguous()))  # inputs untouched
+
+
+def test_zero_unless_mixes_widths_and_non_floating_tensors_in_one_call():
+    """One call over float32, float64, float16, bfloat16 and int64 tensors: each width takes its
+    own integer product, the integer tensor torch.where; every result is where's, bit for bit."""
+    from curvkit.engine import finite
+
+    gen = torch.Generator().manual_seed(2)
+    tensors = [
+        _awkward((70,), torch.float32, gen), _awkward((6, 5), torch.float64, gen), _awkward((9,), torch.float16, gen),
+        _awkward((5000,), torch.bfloat16, gen), torch.arange(7), _awkward((8, 3), torch.float32, gen)[:, 1],
+    ]
+    for pattern in ([True, False, True, False, True, False], [False, True, False, True, False, True]):
+        flags = torch.tensor(pattern)
+        for o, t, ok in zip(finite.zero_unless(flags, tensors), tensors, pattern):
+            ref = torch.where(torch.tensor(ok), t, torch.zeros((), dtype=t.dtype))
+            assert o.dtype == t.dtype and o.shape == t.shape
+            if t.is_floating_point():
+                assert torch.equal(_bits_of(o.contiguous()), _bits_of(ref.contiguous()))
+            else:
+                assert torch.equal(o, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

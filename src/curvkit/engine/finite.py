@@ -73,29 +73,40 @@ def zero_unless(flags: Tensor, tensors: Sequence[Tensor], *, flag_list: Sequence
     r"""``[torch.where(flags[i], tensors[i], 0) for i]``, bitwise the same, without ``where``'s cost.
 
     ``torch.where`` with a 0-d condition runs an unvectorised loop on the CPU (about 1 ns per
-    entry on one thread, 6x a bitwise AND at 131,072 entries). A tensor of at least
-    4,096 (``_BITWISE_MIN``) floating entries is instead ANDed, reinterpreted as integers of its
-    width, with a 0-d mask of all ones (keep: the same bits) or all zeros (drop: :math:`+0.0`,
-    whatever the entries were, NaN and infinities included). The inputs are not modified.
+    entry on one thread, 6x a bitwise AND at 131,072 entries), and one call per tensor costs its
+    dispatch for every small block. Instead the floating tensors are reinterpreted as integers
+    of their width and multiplied, in one ``torch._foreach_mul`` per width, by their flag as an
+    integer: 1 keeps every bit (NaN payloads, infinities, :math:`-0.0`), 0 gives all-zero bits,
+    :math:`+0.0`. Other tensors (non-floating, flags on another device) and everything under
+    :func:`torch.compile` (inductor fuses the select anyway) take ``torch.where``. The inputs are
+    not modified.
 
     Args:
         flags: ``(n,)`` bool, one flag per tensor.
         tensors: ``n`` tensors.
         flag_list: ``flags.unbind(0)``, when the caller has it already.
     """
-    oks = flags.unbind(0) if flag_list is None else flag_list
-    out = []
-    masks: dict[torch.dtype, Tensor] = {}
-    for i, (ok, t) in enumerate(zip(oks, tensors)):
-        bits = _bitwise_dtype(flags, t)
-        if bits is None:
-            out.append(torch.where(ok, t, scalar_tensor(0.0, t.dtype, t.device)))
-            continue
-        mask = masks.get(bits)
-        if mask is None:  # -1: every bit set; 0: none
-            mask = masks[bits] = flags.to(bits).neg_()
-        out.append(torch.bitwise_and(t.view(bits), mask[i]).view(t.dtype))
-    return out
+    out: list[Tensor | None] = [None] * len(tensors)
+    widths: dict[torch.dtype, list[int]] = {}
+    oks = flag_list
+    compiling = torch.compiler.is_compiling()
+    for i, t in enumerate(tensors):
+        bits = None if compiling else _BITS.get(t.dtype)
+        if bits is None or t.device != flags.device:
+            if oks is None:
+                oks = flags.unbind(0)
+            out[i] = torch.where(oks[i], t, scalar_tensor(0.0, t.dtype, t.device))
+        else:
+            members = widths.get(bits)
+            if members is None:
+                members = widths[bits] = []
+            members.append(i)
+    for bits, members in widths.items():
+        keep = flags.to(bits).unbind(0)  # 1: every bit kept; 0: none
+        products = torch._foreach_mul([tensors[i].view(bits) for i in members], [keep[i] for i in members])
+        for i, p in zip(members, products):
+            out[i] = p.view(tensors[i].dtype)
+    return out  # type: ignore[return-value]
 
 
 def _bitwise_dtype(flags: Tensor, tensor: Tensor) -> torch.dtype | None:
