@@ -69,6 +69,36 @@ def test_nonfinite_batch_skips_update_and_keeps_state(name, bad):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_warnings_name_the_training_loop_line_not_library_internals(name):
+    """Every CurvkitWarning is attributed to the first frame outside curvkit and torch: the
+    caller's ``opt.step()`` (inside ``train_step``) or ``opt.health()``, not a line of the
+    library or of ``optimizer.step``'s wrappers, whatever the depth of the call that warned."""
+    import os
+
+    import tests.methods_under_test as mut
+
+    model, opt = warmed(name)
+    x, y = batch()
+    x[3, 2] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_step(model, opt, x, y)  # statistics and gradient faults: warned at the inversion step or...
+        opt.health()  # ...here, at the next sync point
+        x, y = batch()
+        for b in opt.blocks:  # corrupted statistics: restarted at the next inversion
+            for t in state_tensors_of_block(opt, b):
+                t.fill_(float("nan"))
+        for _ in range(3):
+            train_step(model, opt, x, y)
+        opt.health()
+    ours = [w for w in caught if issubclass(w.category, curvkit.CurvkitWarning)]
+    assert ours
+    allowed = {os.path.abspath(__file__), os.path.abspath(mut.__file__)}
+    for w in ours:
+        assert os.path.abspath(w.filename) in allowed, (w.filename, w.lineno, str(w.message)[:80])
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_nonfinite_policy_raise(name):
     model = tiny_model()
     opt = build(name, model, nonfinite="raise")

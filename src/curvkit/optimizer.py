@@ -29,13 +29,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._tree import tensors_in
 from .blocks import Block, BlockPlan
 from .config import check_choice, check_positive_int
 from .engine import checkpoint
 from .engine.evidence import EvidenceCollector
-from .engine.finite import finite_flags
-from .engine.health import MESSAGES, HealthMonitor, read_together
+from .engine.inversion import Inversions
+from .engine.health import HealthMonitor
 from .engine.params import GROUP_OPTIONS, check_parameter, normalise_params, validate_group_options
 from .engine.runstate import RunState
 from .engine.sharding import ShardedParams
@@ -43,8 +42,6 @@ from .engine.states import BlockStates
 from .engine.update import UpdateRule
 from .fisher import LossSpec
 from .interfaces import CurvatureEstimator, Inverter, Preconditioner, Source
-from .operators import EigenBasis
-from .safeguards import INVERSION_COUNTERS, InversionRequest, finish_inversions, invert_all, start_inversions
 
 __all__ = ["CurvatureOptimizer"]
 
@@ -206,7 +203,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
         self._collector.due_blocks = weakref.WeakMethod(self._due_blocks)
         self._distributor = self._make_distributor(process_group, distributed, sync_statistics)
-        self.divide_inverses = bool(divide_inverses) and self._distributor is not None
         self._collector.sync_statistics = sync_statistics or self._distributor is not None
         if sync_statistics and self._distributor is None:
             from .engine.sync import StatisticsAverager
@@ -214,11 +210,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._collector.distributor = StatisticsAverager(process_group)
         else:
             self._collector.distributor = self._distributor
-        self._owners: dict[tuple[int, int], int] = {}
         self._update = UpdateRule(preconditioner, self._health, nonfinite=nonfinite, compile=compile_update)
         # FSDP2: DTensor parameters are worked on as full tensors (curvkit.engine.sharding)
         self._sharding = ShardedParams.detect([p for g in self.param_groups for p in g["params"]], self._param_names)
         self._collector.sharding = self._update.sharding = self._sharding
+        self._inversions = Inversions(
+            estimator, inverter, self._blocks, self._states, self._health, self._run,
+            distributor=self._distributor, divide=bool(divide_inverses) and self._distributor is not None,
+            sharding=self._sharding,
+        )
         self._used_grads: dict[int, tuple[weakref.ref, int]] = {}
         self._build_plan()
         self._finalizer = weakref.finalize(self, EvidenceCollector.close, self._collector)
@@ -333,7 +333,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         Reading them synchronises with the device (the counters of device-side faults live
         there) and emits the pending warnings.
         """
-        totals = self._health.sync(stacklevel=3)
+        totals = self._health.sync()
         return {b.name: totals[i] for i, b in enumerate(self._blocks)}
 
     def block_state(self, block: Block | int) -> dict[str, Any]:
@@ -371,61 +371,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         due_groups = {gi for gi in range(len(self.param_groups)) if self.statistics_due(gi)}
         return [bi for bi, b in enumerate(self._blocks) if b.group in due_groups]
 
-    def _state_checks(self, block_ids: Sequence[int]) -> tuple[list[tuple[int, str]], list[Tensor]]:
-        """The tensors whose finiteness :meth:`_repair_state` checks: every floating statistic
-        (unless the estimator heals its own) and the momentum of ``block_ids``, each with its
-        ``(block, "statistics" | "momentum")``."""
-        checks: list[tuple[int, str]] = []
-        tensors: list[Tensor] = []
-        for bi in block_ids:
-            state = self._state_of(self._blocks[bi])
-            if not self.estimator.heals_statistics:
-                for t in tensors_in(state["estimator"]):
-                    if t.is_floating_point() and t.numel():
-                        checks.append((bi, "statistics"))
-                        tensors.append(t)
-            momentum = state.get("momentum")
-            if isinstance(momentum, Tensor) and momentum.numel():
-                checks.append((bi, "momentum"))
-                tensors.append(momentum)
-        return checks, tensors
-
-    def _apply_repairs(self, checks: Sequence[tuple[int, str]], tensors: Sequence[Tensor], flags: Sequence[int]) -> list[int]:
-        """Restart the statistics and reset the momentum that ``flags`` (the host values of
-        :func:`~curvkit.engine.finite.finite_flags` of ``tensors``) say are not finite (a
-        tensor whose norm merely overflowed is confirmed entry by entry); the ids repaired."""
-        bad = {
-            (bi, what) for (bi, what), ok, t in zip(checks, flags, tensors)
-            if not ok and not bool(torch.isfinite(t).all())
-        }
-        repaired = []
-        for bi in dict.fromkeys(bi for bi, _ in checks):
-            b = self._blocks[bi]
-            state = self._state_of(b)
-            if (bi, "statistics") in bad:
-                state["estimator"] = self.estimator.init_state(b)
-                self._health.count(bi, "statistics_restarted")
-            if (bi, "momentum") in bad:
-                state["momentum"].zero_()
-                self._health.count(bi, "momentum_reset")
-            if (bi, "statistics") in bad or (bi, "momentum") in bad:
-                repaired.append(bi)
-        return repaired
-
     def _repair_state(self, block_ids: Sequence[int], *, sync: bool = False) -> tuple[list[int], bool]:
-        """Restart non-finite statistics and reset non-finite momentum of ``block_ids`` (one
-        host read for all of them; with ``sync`` the health counters come back in the same read
-        and pending warnings are emitted); returns the ids of the blocks repaired and whether
-        the host read anything."""
-        checks, tensors = self._state_checks(block_ids)
-        counters = self._health.device_tensors() if sync else []
-        if not tensors and not counters:
-            return [], False
-        values = read_together([finite_flags(tensors) if tensors else None, *counters])
-        repaired = self._apply_repairs(checks, tensors, values[0] or [])
-        if sync:
-            self._health.sync(stacklevel=4, values=values[1:])
-        return repaired, True
+        """Restart non-finite statistics and reset non-finite momentum of ``block_ids`` (see
+        :meth:`curvkit.engine.inversion.Inversions.repair`)."""
+        return self._inversions.repair(block_ids, sync=sync)
 
     # ------------------------------------------------------------------ evidence
     def update_curvature(
@@ -542,164 +491,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         run.stale_steps += 1
         for bi in due:
             self._health.count(bi, "missing_statistics")
-        self._health.warn_once("missing_statistics", _stale_message(run.step), stacklevel=4)
+        self._health.warn_once("missing_statistics", _stale_message(run.step))
 
     def _compute_inverses(self, block_ids: Sequence[int]) -> bool:
-        """Repair and invert the factors of ``block_ids`` with one host read per device.
+        """Repair and invert the factors of ``block_ids`` with the step's one host read (see
+        :meth:`curvkit.engine.inversion.Inversions.refresh`); ``True`` when there was nothing
+        to invert (the read then comes after the update)."""
+        return self._inversions.refresh(block_ids, self.param_groups)
 
-        The inversions run first, on every due factor; one read then gives the finiteness of
-        the statistics and momentum (:meth:`_state_checks`), of every result, and the health
-        counters. Blocks whose statistics were not finite are restarted and keep their last
-        good inverses (their fresh results are dropped, not retried); results that are not
-        finite go to the fallbacks of :func:`~curvkit.safeguards.finish_inversions` (which
-        read the host again, on that rare path only). The distributed path
-        (``divide_inverses``) repairs first, then inverts and shares.
+    @property
+    def divide_inverses(self) -> bool:
+        """Whether each factor's inversion is owned by one rank and shared (``distributed`` only)."""
+        return self._inversions.divide
 
-        Returns ``True`` when there was nothing to invert (an estimator that maintains its
-        inverses, K-BFGS): the step's one read then comes after the update
-        (:meth:`_repair_state` with ``sync=True``), so it also sees that update's faults.
-        """
-        if self.divide_inverses and self.inverter.produces in ("matrix", "eigenbasis"):
-            repaired, _ = self._repair_state(block_ids)
-            requests, _ = self._inversion_requests(block_ids, skip=repaired)
-            if requests:
-                self._invert_divided(requests)
-            self._health.sync(stacklevel=4)
-            return False
-        checks, tensors = self._state_checks(block_ids)
-        state_flags = finite_flags(tensors) if tensors else None
-        requests, previous = self._inversion_requests(block_ids)
-        if not requests:
-            return True
-        pending = start_inversions(self.inverter, requests)
-        grads_ok = self._gradients_finite()
-        n = len(pending.flags)
-        state_ok, grads_ok_value, *values = read_together(
-            [state_flags, grads_ok, *pending.flags, *self._health.device_tensors()]
-        )
-        if grads_ok_value == [0]:  # this step's update will skip a block (counted there): warn now
-            self._health.warn_once("skipped_nonfinite_grad", MESSAGES["skipped_nonfinite_grad"], stacklevel=5)
-        repaired = self._apply_repairs(checks, tensors, state_ok or [])
-        for bi in repaired:  # restarted statistics: keep the last good inverses until new evidence
-            if bi in previous:
-                self._state_of(self._blocks[bi])["inverses"] = previous[bi]
-        results = finish_inversions(self.inverter, pending, values[:n], self._health, leave_out=set(repaired))
-        self._store_inverses(results)
-        self._health.sync(stacklevel=4, values=values[n:])
-        return False
-
-    def _gradients_finite(self) -> Tensor | None:
-        """Whether every gradient of this step is finite, as one 0-d bool on the device (read with
-        the inversion flags, so that a gradient fault of a step that inverts is warned about in
-        that step; the update counts it). ``None`` under FSDP2 or with gradients on several devices."""
-        if self._sharding is not None:
-            return None
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or len({t.device for t in grads}) != 1:
-            return None
-        return finite_flags(grads).all()
-
-    def _inversion_requests(
-        self, block_ids: Sequence[int], *, skip: Sequence[int] = ()
-    ) -> tuple[list[InversionRequest], dict[int, Any]]:
-        """The factors of ``block_ids`` to invert (none for an estimator whose factors are
-        already inverses), and each requesting block's inverses before this refresh. A block
-        in ``skip`` (restarted statistics) keeps its inverses when it has some."""
-        requests = []
-        previous_of: dict[int, Any] = {}
-        for bi in block_ids:
-            b = self._blocks[bi]
-            state = self._state_of(b)
-            if bi in skip and state["inverses"] is not None:
-                continue
-            factors = self.estimator.factors(b, state["estimator"], damping=self.param_groups[b.group]["damping"])
-            if factors is None or self.estimator.factors_are_inverses:  # the latter: read at every step
-                continue
-            previous = state["inverses"]
-            previous_of[bi] = previous
-            for mode, f in enumerate(factors):
-                if f is not None:
-                    prev = previous[mode] if previous is not None and mode < len(previous) else None
-                    requests.append(InversionRequest((bi, mode), f, b.order, prev))
-            kept = list(previous) if previous is not None else []
-            state["inverses"] = (kept + [None] * len(factors))[: len(factors)]
-            for mode, f in enumerate(factors):
-                if f is None:
-                    state["inverses"][mode] = None
-        return requests, previous_of
-
-    def _store_inverses(self, results: dict[tuple[int, int], Any]) -> None:
-        """Put fresh inverses in the block states (eigenbases versioned once per refresh)."""
-        refreshed: set[int] = set()
-        for (bi, mode), inv in results.items():
-            state = self._state_of(self._blocks[bi])
-            if isinstance(inv, tuple):  # an eigenbasis inverter: (vectors, values)
-                if bi not in refreshed:
-                    refreshed.add(bi)
-                    state["inverse_version"] = state.get("inverse_version", 0) + 1
-                inv = EigenBasis(inv[0].contiguous(), inv[1].contiguous(), state["inverse_version"])
-            elif isinstance(inv, Tensor):  # row-major, as a checkpoint restores it: same products
-                inv = inv.contiguous()
-            state["inverses"][mode] = inv
-
-    def _owner(self, key: tuple[int, int]) -> int:
-        """The rank that inverts factor ``key`` = (block, mode), balanced by cost at first use."""
-        if key not in self._owners:
-            from .distributed import inverse_cost
-
-            units = [(bi, m) for bi, b in enumerate(self._blocks) for m, f in enumerate(b.factored) if f]
-            owners = self._distributor.assign([inverse_cost(self._blocks[bi].shape[m]) for bi, m in units])
-            self._owners = dict(zip(units, owners))
-        return self._owners.get(key, 0)
-
-    def _invert_divided(self, requests: Sequence[InversionRequest]) -> None:
-        """Each rank inverts the factors it owns; one collective shares every result."""
-        rank = self._distributor.rank
-        owners = [self._owner(r.key) for r in requests]
-        mine = [r for r, o in zip(requests, owners) if o == rank]
-        before = [[h[c] for c in INVERSION_COUNTERS] for h in self._health.host]
-        results = invert_all(self.inverter, mine, self._health) if mine else {}
-        if requests:
-            self._share_inversion_counts(before, requests[0].factor.matrix.device)
-        if self.inverter.produces == "eigenbasis":  # owner's (vectors, values), shared; versions as one refresh
-            from .distributed import share_eigenbases
-
-            sizes = [(r.factor.matrix.shape[-1], r.factor.matrix.dtype, r.factor.matrix.device) for r in requests]
-            bases = share_eigenbases(self._distributor, sizes, owners, [results.get(r.key) for r in requests],
-                                     step=self._run.step)
-            for bi in dict.fromkeys(r.key[0] for r in requests):
-                state = self._state_of(self._blocks[bi])
-                state["inverse_version"] = state.get("inverse_version", 0) + 1
-            for r, (q, lam) in zip(requests, bases):
-                state = self._state_of(self._blocks[r.key[0]])
-                state["inverses"][r.key[1]] = EigenBasis(q, lam, state["inverse_version"])
-            return
-        shared = []
-        for r in requests:
-            m = r.factor.matrix
-            inv = results.get(r.key)
-            if r.key in results and inv is None:  # identity on this mode, shared as a matrix
-                inv = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-            shared.append(inv.contiguous() if inv is not None else torch.zeros_like(m))
-        self._distributor.share_(shared, owners, call="invert", step=self._run.step)
-        for r, inv in zip(requests, shared):
-            self._state_of(self._blocks[r.key[0]])["inverses"][r.key[1]] = inv
-
-    def _share_inversion_counts(self, before: list[list[int]], device: torch.device) -> None:
-        """Owners count their inversion fallbacks; one small all-reduce (on a step that reads the
-        host anyway) gives every rank the sum, so ``health()`` and its warnings agree on every
-        rank."""
-        health = self._health
-        delta = torch.tensor(
-            [[h[c] - b for c, b in zip(INVERSION_COUNTERS, row)] for h, row in zip(health.host, before)],
-            dtype=torch.int64, device=device,
-        )
-        self._distributor.sum_(delta, call="inversion_counts", step=self._run.step)
-        for h, start, row in zip(health.host, before, delta.tolist()):
-            for c, b, d in zip(INVERSION_COUNTERS, start, row):
-                if d and h[c] == b:  # another rank's fallback: warn here too
-                    health.warn_once(c, MESSAGES[c], stacklevel=5)
-                h[c] = b + d
+    @property
+    def _owners(self) -> dict[tuple[int, int], int]:
+        return self._inversions.owners
 
     def _active_blocks(self) -> list[int]:
         """The blocks with at least one gradient."""
@@ -763,7 +570,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if self._blocks[bi].module is not None:
                     self._health.count(bi, "partial_evidence")
             if partial:
-                self._health.warn_once("partial_evidence", _partial_message(recorder.forwards), stacklevel=4)
+                self._health.warn_once("partial_evidence", _partial_message(recorder.forwards))
         if self._evidence.source is Source.MINIBATCH and self._run.stats_taken_at != t:
             due = set(self._due_blocks())
             ids = [bi for bi in active if bi in due]

@@ -17,6 +17,7 @@ checks and health counters in that one read, then finishes (:func:`finish_invers
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from .interfaces import Factor, Inverter
 
 __all__ = [
     "CurvkitWarning", "HEALTH_COUNTERS", "INVERSION_COUNTERS", "InversionRequest", "PendingInversions",
-    "finish_inversions", "invert_all", "new_health", "start_inversions",
+    "finish_inversions", "invert_all", "new_health", "start_inversions", "warn_user",
 ]
 
 
@@ -55,6 +56,23 @@ INVERSION_COUNTERS = ("inverse_retry_float64", "inverse_extra_damping", "inverse
 
 class CurvkitWarning(RuntimeWarning):
     """Warnings about numerical fallbacks and misuse (emitted once per kind and optimizer)."""
+
+
+def warn_user(message: str) -> None:
+    """Emit a :class:`CurvkitWarning` attributed to the caller's own code: the first frame on
+    the stack outside curvkit (its plugins included) and torch (``optimizer.step``'s wrappers),
+    so the warning names the line of the training loop that led to it, however deep the
+    library's call chain is."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_LIBRARY_MODULES):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, CurvkitWarning, stacklevel=level)
+
+
+#: Module prefixes whose frames a warning skips (see :func:`warn_user`).
+_LIBRARY_MODULES = ("curvkit", "torch.")
 
 
 def new_health() -> dict[str, int]:
@@ -266,12 +284,12 @@ def _recover(inverter: Inverter, req: InversionRequest, input_ok: bool, health: 
     if input_ok:
         m64 = matrix.to(torch.float64)
         health.count(block, "inverse_retry_float64")
-        health.warn_once("inverse_retry_float64", "an inversion failed or was not finite; retried in float64", stacklevel=5)
+        health.warn_once("inverse_retry_float64", "an inversion failed or was not finite; retried in float64")
         out = _invert_one(inverter, m64, damping, req.order)
         if out is not None:
             return _cast(out, dtype)
         health.count(block, "inverse_extra_damping")
-        health.warn_once("inverse_extra_damping", "an inversion failed in float64; retried with more damping", stacklevel=5)
+        health.warn_once("inverse_extra_damping", "an inversion failed in float64; retried with more damping")
         for factor in (10.0, 100.0):
             out = _invert_one(inverter, m64, damping * factor, req.order)
             if out is not None:
@@ -281,7 +299,6 @@ def _recover(inverter: Inverter, req: InversionRequest, input_ok: bool, health: 
         "inverse_kept_last",
         "a curvature factor could not be inverted (non-finite statistics or failed decomposition); "
         "keeping the block's last good inverse",
-        stacklevel=5,
     )
     return req.previous
 

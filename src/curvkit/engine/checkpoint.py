@@ -18,14 +18,13 @@ state saved from a wrapped model (``module.`` or ``_orig_mod.`` prefixes) or bui
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .._tree import flatten_state, map_tensors, tensors_in, unflatten_state
-from ..safeguards import CurvkitWarning
+from ..safeguards import warn_user
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..optimizer import CurvatureOptimizer
@@ -68,7 +67,7 @@ def compare_methods(opt: "CurvatureOptimizer", saved: dict[str, Any], *, options
                 f"this optimizer has {key}={new.get(key)!r}"
             )
             if key in neutral:
-                warnings.warn(f"curvkit: {message}; the state is loaded as is", CurvkitWarning, stacklevel=4)
+                warn_user(f"curvkit: {message}; the state is loaded as is")
             else:
                 raise ValueError(
                     f"{message}: that changes what the saved state means; build the optimizer with "
@@ -201,11 +200,9 @@ def _validate_loaded(opt: "CurvatureOptimizer", *, strict: bool) -> None:
             f"from a run that had diverged. Load it with strict=False to restart those statistics"
         )
     if bad:
-        warnings.warn(
+        warn_user(
             f"curvkit: the loaded state held non-finite statistics or momentum for blocks {bad}; they "
-            f"were restarted (see opt.health())",
-            CurvkitWarning,
-            stacklevel=3,
+            f"were restarted (see opt.health())"
         )
 
 

@@ -323,7 +323,6 @@ class EvidenceCollector:
             f"block {b.name!r} is planned with curvature factors but got no evidence on a "
             f"statistics step (its layer was never called through its forward, or hooks did "
             f"not fire under torch.compile); it keeps stale statistics -- see opt.block_plan()",
-            stacklevel=6,
         )
 
     def flush(self, due: Sequence[int] | None = None, *, strict: bool = False) -> None:
@@ -384,7 +383,6 @@ class EvidenceCollector:
                     "rank_missing",
                     f"this rank did not call update_curvature at step {self.run.step}; its statistics come "
                     f"from the ranks that did (call it on every rank where opt.statistics_due())",
-                    stacklevel=4,
                 )
             for g in pending.values():
                 g.div_(count)  # 0/0 where no rank collected: non-finite evidence, skipped everywhere

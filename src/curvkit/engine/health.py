@@ -12,13 +12,12 @@ statistics restarts, missing evidence) are counted directly.
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from ..safeguards import HEALTH_COUNTERS, CurvkitWarning
+from ..safeguards import HEALTH_COUNTERS, warn_user
 
 __all__ = ["DEVICE_COUNTERS", "HealthMonitor", "MESSAGES", "index_tensor", "read_together"]
 
@@ -167,7 +166,7 @@ class HealthMonitor:
                     out[bi][name] += int(flat[bi * width + j])  # type: ignore[index]
         return out
 
-    def sync(self, *, stacklevel: int = 4, values: Sequence[Sequence[int] | None] | None = None) -> list[dict[str, int]]:
+    def sync(self, *, values: Sequence[Sequence[int] | None] | None = None) -> list[dict[str, int]]:
         """Read every counter and warn once for each kind of fault that appeared (``values``:
         the device counters already read, see :meth:`totals`)."""
         totals = self.totals(values)
@@ -175,14 +174,15 @@ class HealthMonitor:
             total = sum(t[counter] for t in totals)
             if total > self._seen.get(counter, 0):
                 self._seen[counter] = total
-                self.warn_once(counter, MESSAGES[counter], stacklevel=stacklevel + 1)
+                self.warn_once(counter, MESSAGES[counter])
         return totals
 
-    def warn_once(self, key: str, message: str, *, stacklevel: int = 3) -> None:
-        """Emit a :class:`CurvkitWarning` the first time ``key`` is seen."""
+    def warn_once(self, key: str, message: str) -> None:
+        """Emit a :class:`~curvkit.safeguards.CurvkitWarning` the first time ``key`` is seen,
+        attributed to the caller's own line (:func:`~curvkit.safeguards.warn_user`)."""
         if key not in self.warned:
             self.warned.add(key)
-            warnings.warn(f"curvkit: {message} (see opt.health())", CurvkitWarning, stacklevel=stacklevel)
+            warn_user(f"curvkit: {message} (see opt.health())")
 
     def state(self) -> list[dict[str, int]]:
         """Counters for the state dict."""

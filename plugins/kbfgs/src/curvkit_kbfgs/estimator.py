@@ -69,7 +69,6 @@ dropout modules in training mode.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -80,7 +79,7 @@ from curvkit import (
     Block, BlockEvidence, CurvatureEstimator, EvidenceSpec, Factor, LayerRecorder, PartConfig, Source, register,
     statistics_dtype,
 )
-from curvkit.safeguards import CurvkitWarning
+from curvkit.safeguards import warn_user
 from curvkit.config import check_choice, check_in_unit_interval, check_nonnegative, check_positive_int
 from curvkit.contractions import gram
 from curvkit.engine.finite import select, zero_unless_
@@ -198,13 +197,12 @@ class KBFGSEstimator(CurvatureEstimator):
             noisy = stochastic_modules(model)
             if noisy:
                 self._warned_stochastic = True
-                warnings.warn(
+                warn_user(
                     f"curvkit: K-BFGS re-evaluates the closure after every step, and the model holds "
                     f"{', '.join(noisy[:4])}{' ...' if len(noisy) > 4 else ''} in training mode: batch-norm "
                     f"running statistics move twice per step and dropout draws a second mask, so the "
                     f"curvature pairs measure that noise too. Use model.eval() for those modules, or "
-                    f"momentum=None on batch norms / p=0 dropout, if that matters",
-                    CurvkitWarning, stacklevel=4,
+                    f"momentum=None on batch norms / p=0 dropout, if that matters"
                 )
         return plan_blocks(named_params, model=model, max_factor_dim=max_factor_dim,
                            unsupported=self.config.unsupported)
