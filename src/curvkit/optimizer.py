@@ -14,7 +14,8 @@ Per block (one parameter tensor by default), with step index :math:`t` counting 
 5. :math:`W \leftarrow W (1 - \eta\,\mathrm{wd}) - \eta P` (decoupled weight decay).
 
 The work is split among collaborators with one job each (:mod:`curvkit.engine`): evidence
-collection, the update rule, health counters, the run counters and the checkpoint layout;
+collection, the inversion step, the update rule, health counters, the run counters and the
+checkpoint layout;
 :meth:`~CurvatureOptimizer.step` is their orchestration. A step with no inversion due reads no
 tensor value on the host; faults are masked and counted on the device (see :meth:`health`).
 """
