@@ -58,6 +58,10 @@ class CurvkitWarning(RuntimeWarning):
     """Warnings about numerical fallbacks and misuse (emitted once per kind and optimizer)."""
 
 
+#: Module prefixes whose frames a warning skips (see :func:`warn_user`).
+_LIBRARY_MODULES = ("curvkit", "torch.")
+
+
 def warn_user(message: str) -> None:
     """Emit a :class:`CurvkitWarning` attributed to the caller's own code: the first frame on
     the stack outside curvkit (its plugins included) and torch (``optimizer.step``'s wrappers),
@@ -69,10 +73,6 @@ def warn_user(message: str) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, CurvkitWarning, stacklevel=level)
-
-
-#: Module prefixes whose frames a warning skips (see :func:`warn_user`).
-_LIBRARY_MODULES = ("curvkit", "torch.")
 
 
 def new_health() -> dict[str, int]:
