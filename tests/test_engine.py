@@ -434,6 +434,65 @@ def test_zero_unless_in_place_keeps_or_zeroes_the_same_tensor(n):
             assert torch.equal(_bits_of(work), _bits_of(ref))
 
 
+def test_zero_each_unless_masks_owned_tensors_in_place_and_leaves_shared_ones_alone():
+    """The in-place form gives where's bits in the same tensors; a non-contiguous tensor (entries
+    may share memory) and a second listing of one tensor (another block's flag) get where's result
+    in a new tensor instead, and the tensor itself keeps the bits the earlier listing gave it."""
+    from curvkit.engine import finite
+
+    gen = torch.Generator().manual_seed(3)
+    for pattern in ([True, False, True, False, True, False], [False, True, False, True, False, True]):
+        shared = _awkward((40,), torch.float32, gen)
+        tensors = [
+            _awkward((70,), torch.float32, gen), _awkward((6, 5), torch.float64, gen),
+            _awkward((5000,), torch.bfloat16, gen), _awkward((7, 8), torch.float32, gen).T,
+            shared, shared,
+        ]
+        originals = [t.clone() for t in tensors]
+        flags = torch.tensor(pattern)
+        out = finite.zero_each_unless_(flags, tensors)
+        for i, (o, t, orig, ok) in enumerate(zip(out, tensors, originals, pattern)):
+            ref = torch.where(torch.tensor(ok), orig, torch.zeros((), dtype=orig.dtype))
+            assert torch.equal(_bits_of(o.contiguous()), _bits_of(ref.contiguous())), i
+            if i in (0, 1, 2, 4):  # owned, contiguous, first listing: masked in place
+                assert o is t
+            else:  # not contiguous, or listed before: a new tensor
+                assert o is not t
+        assert torch.equal(_bits_of(tensors[3].contiguous()), _bits_of(originals[3].contiguous()))  # untouched
+        first = torch.where(torch.tensor(pattern[4]), originals[4], 0.0)  # what the first listing left
+        assert torch.equal(_bits_of(shared), _bits_of(first))
+
+
+def test_sampled_evidence_is_masked_in_place_but_a_callers_gradients_are_not():
+    """The collector's own sampled gradients are masked in place; gradients a caller hands to
+    ``update_curvature(grads=...)`` (or ``p.grad``, for the empirical Fisher) are never modified,
+    non-finite or not, and the non-finite evidence is skipped either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = curvkit.TNT(model.parameters(), model=model, lr=0.01)
+    x = torch.randn(8, 4)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    grads[2][0, 0] = float("nan")
+    kept = [g.clone() for g in grads]
+    opt.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.update_curvature(grads=grads)
+    opt.step()
+    for g, k in zip(grads, kept):
+        assert torch.equal(_bits_of(g), _bits_of(k))
+    assert opt.health()["2.weight"]["skipped_nonfinite_evidence"] == 1
+    emp = curvkit.TNT(model.parameters(), model=model, lr=0.01, evidence="empirical")
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    before = [p.grad.clone() for p in model.parameters()]
+    emp.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(_bits_of(p.grad), _bits_of(b))
+    assert emp.health()["0.weight"]["skipped_nonfinite_evidence"] == 1
+
+
 def test_scalar_tensors_are_cached_exact_and_bounded():
     from curvkit.engine import finite
 

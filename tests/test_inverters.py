@@ -73,6 +73,22 @@ def test_damped_inverse_marks_only_the_failed_factor_of_a_batch_nan(dtype):
         torch.testing.assert_close(out[i].double(), ref, rtol=1e-3 if dtype == torch.float32 else 1e-9, atol=1e-4 if dtype == torch.float32 else 1e-10)
 
 
+def test_damped_inverse_is_row_major_and_exactly_the_column_major_result():
+    """The batched Cholesky inverse comes back row-major (no copy before the products read it),
+    with the bits LAPACK's column-major result has: the transpose is free because the result is
+    exactly symmetric."""
+    from curvkit.matrix_functions import damped_inverse
+
+    batch = random_psd(3, 33)
+    damping = torch.full((3,), 0.1, dtype=batch.dtype)
+    out = damped_inverse(batch, damping)
+    assert out.is_contiguous()
+    damped = batch + batch.mT  # the function's own arithmetic: 2 (A + eps I), halved
+    damped.diagonal(dim1=-2, dim2=-1).add_(damping[:, None], alpha=2.0)
+    ref = torch.cholesky_inverse(torch.linalg.cholesky(damped.mul_(0.5)))
+    assert torch.equal(out, ref.contiguous())
+
+
 def test_eigen_clips_negative_eigenvalues_of_noisy_psd():
     a = torch.diag(torch.tensor([1.0, -1e-9, 0.0], dtype=torch.float64)).unsqueeze(0)
     out = curvkit.DampedEigen().invert(a, damping=torch.tensor([0.1], dtype=torch.float64), order=torch.tensor([1]))

@@ -244,13 +244,21 @@ def _draw(outputs: Tensor, name: str, *, generator: torch.Generator | None, clas
             idx = torch.multinomial(moved.reshape(-1, z.shape[axis]), 1, generator=generator).squeeze(-1)
             return idx.reshape(moved.shape[:-1]), probs
         if name == "bce_with_logits":
-            probs = torch.sigmoid(wide)
-            # y = [u < p] with u ~ U[0, 1): a Bernoulli(p) draw (faster than torch.bernoulli on CPU);
-            # a NaN p compares False and draws 0, a valid target for evidence the check then skips
-            u = torch.rand(probs.shape, generator=generator, dtype=probs.dtype, device=probs.device)
+            probs, u = _bernoulli_draw(z, generator)
             return (u < probs).to(z.dtype), probs
         noise = torch.randn(z.shape, generator=generator, dtype=torch.float32, device=z.device)
         return (z.float() + noise).to(z.dtype), None
+
+
+def _bernoulli_draw(outputs: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    r"""``(p, u)``: the probabilities :math:`\sigma(z)` of BCE-with-logits outputs in float32 or wider
+    and uniform draws :math:`u \sim U[0, 1)` of their shape; the target is :math:`y = [u < p]`, a
+    Bernoulli(:math:`p`) draw (faster than ``torch.bernoulli`` on the CPU). A NaN :math:`p` compares
+    ``False`` and draws 0, a valid target for evidence the finiteness check then skips. Both
+    tensors are fresh (the caller may overwrite them)."""
+    z = outputs.detach()
+    probs = torch.sigmoid(z if z.dtype in (torch.float32, torch.float64) else z.float())
+    return probs, torch.rand(probs.shape, generator=generator, dtype=probs.dtype, device=probs.device)
 
 
 def sampled_output_gradient(
@@ -293,21 +301,22 @@ def sampled_output_gradient(
         return None
     reduction = _check_reduction(name, reduction, outputs)
     _check_class_dim(name, class_dim)
-    target, probs = _draw(outputs, name, generator=generator, class_dim=class_dim)
     with torch.no_grad():
-        if name == "cross_entropy":
-            axis = _class_axis(outputs, class_dim)
-            assert probs is not None
-            index = target.unsqueeze(axis)
-            grad = probs.scatter_add(axis, index, probs.new_full(index.shape, -1.0))
-            terms = outputs.numel() // outputs.shape[axis]
-        elif name == "bce_with_logits":
-            assert probs is not None
-            grad = probs - target.to(probs.dtype)
+        if name == "bce_with_logits":  # sigma(z) - [u < sigma(z)], in place on the draw's own tensors
+            grad, draws = _bernoulli_draw(outputs, generator)
+            grad.sub_(draws.lt_(grad))  # u < p as 1.0 / 0.0 in u's dtype: sigma(z) - y
             terms = outputs.numel()
         else:
-            grad = outputs.detach() - target
-            terms = outputs.numel()
+            target, probs = _draw(outputs, name, generator=generator, class_dim=class_dim)
+            if name == "cross_entropy":
+                axis = _class_axis(outputs, class_dim)
+                assert probs is not None
+                index = target.unsqueeze(axis)
+                grad = probs.scatter_add_(axis, index, probs.new_full(index.shape, -1.0))  # softmax: ours
+                terms = outputs.numel() // outputs.shape[axis]
+            else:
+                grad = outputs.detach() - target
+                terms = outputs.numel()
         scale = {"batch_mean": 1.0 / outputs.shape[0], "mean": 1.0 / max(terms, 1), "sum": 1.0}[reduction]
         if scale != 1.0:
             grad.mul_(scale)  # a fresh buffer of this call

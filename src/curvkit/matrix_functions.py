@@ -116,6 +116,8 @@ def damped_inverse(matrix: Tensor, damping: Tensor) -> Tensor:
     damped.diagonal(dim1=-2, dim2=-1).add_(damping[..., None], alpha=2.0)
     chol, info = torch.linalg.cholesky_ex(damped.mul_(0.5))
     out = torch.cholesky_inverse(chol)
+    if out.mT.is_contiguous():  # LAPACK's column-major result: its transpose is the row-major
+        out = out.mT  # matrix without a copy (the CPU's potri result is exactly symmetric)
     bits = _BITS.get(out.dtype)
     if bits is None or torch.compiler.is_compiling():
         return out.masked_fill_((info != 0)[..., None, None], float("nan"))

@@ -3,7 +3,10 @@ r"""Finiteness flags of lists of tensors, and selects by them, on the device (no
 A tensor is finite when its Frobenius norm is: one fused ``torch._foreach_norm`` per dtype and
 device gives every norm at once (on the CPU about as fast as any other reduction that catches
 NaN and both infinities; ``_foreach_max`` alone misses a ``-inf`` among finite entries). A norm
-overflows to ``inf`` only for entries beyond about ``1e19`` (float32), which count as faults.
+overflows to ``inf`` only for entries beyond about ``1e19`` (float32), which count as faults. A
+norm is never negative, so it is finite exactly when it is below ``inf`` (a NaN compares
+``False``): one comparison, where ``torch.isfinite`` runs four kernels (``==``, ``abs``, ``!=``,
+``&``).
 
 The selects by a 0-d flag (:func:`zero_unless`, :func:`select`, :func:`zero_unless_`) give
 ``torch.where``'s exact bits by one mechanism: the float bits, read as integers of their width,
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from ..matrix_functions import _BITS  # the integer type of each floating type's bits
 
-__all__ = ["finite_flags", "finite_norms", "scalar_tensor", "select", "zero_unless", "zero_unless_"]
+__all__ = ["finite_flags", "finite_norms", "scalar_tensor", "select", "zero_each_unless_", "zero_unless", "zero_unless_"]
 
 _SCALARS: dict[tuple[float, float, torch.dtype, torch.device], Tensor] = {}
 _MAX_SCALARS = 256
@@ -46,12 +49,12 @@ def finite_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
         buckets.setdefault((t.dtype, t.device), []).append(i)
     if len(buckets) == 1:
         norms = torch.stack(torch._foreach_norm(list(tensors)))
-        return torch.isfinite(norms), norms
+        return norms < math.inf, norms
     device = tensors[0].device
     flags: list[Tensor | None] = [None] * len(tensors)
     for idx in buckets.values():
         for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx])):
-            flags[i] = torch.isfinite(n).to(device)
+            flags[i] = (n < math.inf).to(device)
     return torch.stack(flags), None  # type: ignore[arg-type]
 
 
@@ -93,13 +96,30 @@ def zero_unless(flags: Tensor, tensors: Sequence[Tensor], *, flag_list: Sequence
         tensors: ``n`` tensors.
         flag_list: ``flags.unbind(0)``, when the caller has it already.
     """
-    out: list[Tensor | None] = [None] * len(tensors)
+    return _zero_unless(flags, tensors, flag_list, in_place=False)
+
+
+def zero_each_unless_(flags: Tensor, tensors: Sequence[Tensor], *, flag_list: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """:func:`zero_unless` in place, for tensors the caller owns (fresh results, its own buffers):
+    one ``torch._foreach_mul_`` per width on their integer views, no new tensors, and the
+    tensors themselves returned. A tensor that :func:`zero_unless` would give to ``torch.where``,
+    a non-contiguous one (an expanded gradient shares memory between entries) and a second
+    occurrence of one tensor (which may carry another flag) are replaced in the returned list
+    by ``torch.where``'s result instead, and are not modified."""
+    return _zero_unless(flags, tensors, flag_list, in_place=True)
+
+
+def _zero_unless(flags: Tensor, tensors: Sequence[Tensor], oks: Sequence[Tensor] | None, *, in_place: bool) -> list[Tensor]:
+    out: list[Tensor | None] = list(tensors) if in_place else [None] * len(tensors)
     widths: dict[torch.dtype, list[int]] = {}
-    oks = flag_list
     compiling = torch.compiler.is_compiling()
+    seen: set[int] = set()
     for i, t in enumerate(tensors):
         bits = None if compiling else _BITS.get(t.dtype)
-        if bits is None or t.device != flags.device:
+        # in place only where no two entries share memory (an expanded gradient) and the tensor
+        # is listed once (autograd hands one gradient to both inputs of an addition)
+        shared = in_place and (not t.is_contiguous() or id(t) in seen)
+        if bits is None or t.device != flags.device or shared:
             if oks is None:
                 oks = flags.unbind(0)
             out[i] = torch.where(oks[i], t, scalar_tensor(0.0, t.dtype, t.device))
@@ -108,10 +128,15 @@ def zero_unless(flags: Tensor, tensors: Sequence[Tensor], *, flag_list: Sequence
             if members is None:
                 members = widths[bits] = []
             members.append(i)
+            if in_place:
+                seen.add(id(t))
     for bits, members in widths.items():
         keep = flags.to(bits).unbind(0)  # 1: every bit kept; 0: none
-        products = torch._foreach_mul([tensors[i].view(bits) for i in members], [keep[i] for i in members])
-        for i, p in zip(members, products):
+        views = [tensors[i].view(bits) for i in members]
+        if in_place:
+            torch._foreach_mul_(views, [keep[i] for i in members])
+            continue
+        for i, p in zip(members, torch._foreach_mul(views, [keep[i] for i in members])):
             out[i] = p.view(tensors[i].dtype)
     return out  # type: ignore[return-value]
 
