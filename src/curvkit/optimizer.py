@@ -558,29 +558,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         full = None if self._sharding is None else self._sharding.full_grads(self._blocks, active)  # FSDP2
 
         # 1. evidence: the minibatch gradient (when the estimator reads it), pending micro-batches
-        recorder = self._collector.recorder
-        accumulates = self._evidence.layer_io and self.estimator.accumulates
-        if (
-            recorder is not None and self._evidence.source is Source.MINIBATCH
-            and getattr(recorder, "forwards", 0) > 1 and self._run.stats_taken_at != t
-        ):  # records of earlier micro-batches replaced by the last forward's: an estimator that
-            # does not accumulate, or one whose after-step pairs read them on a step without statistics
-            due_now = self._due_blocks()
-            partial = due_now if not accumulates else ([] if due_now or not self._evidence.closure else active)
-            for bi in partial:
-                if self._blocks[bi].module is not None:
-                    self._health.count(bi, "partial_evidence")
-            if partial:
-                self._health.warn_once("partial_evidence", _partial_message(recorder.forwards))
-        if self._evidence.source is Source.MINIBATCH and self._run.stats_taken_at != t:
-            due = set(self._due_blocks())
-            ids = [bi for bi in active if bi in due]
-            if ids and accumulates:  # the last micro-batch's records, with the earlier ones' sums
-                self._collector.harvest(ids, batch_size=None)
-                self._run.stats_taken_at = t
-            elif ids:
-                self._collector.feed(ids, {id(p): p.grad if full is None else full[id(p)] for bi in ids for p in self._blocks[bi].params})
-                self._run.stats_taken_at = t
+        if self._evidence.source is Source.MINIBATCH:
+            self._collector.minibatch(active, self._due_blocks(), full)
         self._collector.flush(self._due_blocks() if self._distributor is not None else None, strict=self.strict)
         self._check_stale()
 
@@ -611,9 +590,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # 4. a second evaluation at the new parameters, when the estimator needs it
         if self._evidence.closure:
             self._after_step(closure)
-        if recorder is not None:
-            recorder.forwards = 0
-            self._collector.records_read()  # what the recorder holds now belongs to this step
+        self._collector.records_read()  # what the recorder holds now belongs to this step
         return loss
 
     def _run_closure_first(self, closure: Callable[[], Any] | None) -> Any:
@@ -728,13 +705,4 @@ def _stale_message(step: int) -> str:
         f"statistics were due at step {step} but step() found no new curvature evidence: call "
         f"opt.update_curvature(outputs, loss=...) before loss.backward() on every step where "
         f"opt.statistics_due() (otherwise the curvature goes stale); strict=True raises instead"
-    )
-
-
-def _partial_message(forwards: int) -> str:
-    return (
-        f"the model ran {forwards} forward passes with gradients before step(); a layer-based estimator "
-        f"reads the records of the last one only, so its statistics came from the last micro-batch "
-        f"(step once per forward, use an estimator that accumulates micro-batches, or -- K-BFGS -- "
-        f"take statistics on every step, curvature_every=1, when accumulating)"
     )

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .._tree import flatten_state, map_tensors, tensors_in, unflatten_state
+from .._tree import flatten_state, map_tensors, unflatten_state
 from ..safeguards import warn_user
 
 if TYPE_CHECKING:  # pragma: no cover

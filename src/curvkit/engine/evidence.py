@@ -40,7 +40,7 @@ from ..blocks import Block
 from ..fisher import LossSpec, sampled_loss, sampled_output_gradient
 from ..hooks import LayerRecorder
 from ..interfaces import BlockEvidence, CurvatureEstimator, Source
-from .finite import finite_flags, finite_norms, scalar_tensor, zero_unless
+from .finite import finite_norms, scalar_tensor, zero_each_unless_, zero_unless
 from .health import HealthMonitor, index_tensor
 from .runstate import RunState
 
@@ -214,7 +214,7 @@ class EvidenceCollector:
                     f"update_curvature was already called for this step; estimator {self.estimator.name!r} "
                     f"reads layer records of one forward pass, so call it once per step"
                 )
-            self.feed(due, by_param, batch_size=batch)
+            self.feed(due, by_param, batch_size=batch, owned=True)
         elif self.sharding is not None:  # FSDP2: a plain sum, divided in flush (engine/sharding.py)
             self._accumulate(due, by_param, 1)
             self._sharded_n += batch
@@ -284,8 +284,10 @@ class EvidenceCollector:
         return got
 
     def records_read(self) -> None:
-        """Mark the recorder's current records as read (``step()`` ends: they belong to it)."""
+        """Mark the recorder's current records as read (``step()`` ends: they belong to it) and
+        restart its count of forward passes for the next step."""
         if self.recorder is not None:
+            self.recorder.forwards = 0
             self._harvested_id = self.recorder.forward_id
 
     def _harvest_finished(self) -> None:
@@ -358,7 +360,7 @@ class EvidenceCollector:
         if self.sharding is not None:  # FSDP2: already the ranks' average; weight by batch size
             self.sharding.finish_sampled(list(pending.values()), self._sharded_n, distributor, step=self.run.step)
             self._sharded_n = 0
-            self.feed(ids, pending, batch_size=n, averaged=True)
+            self.feed(ids, pending, batch_size=n, averaged=True, owned=True)
             return
         if distributor is not None and hasattr(distributor, "average_"):
             # the global batch's sampled gradient: sum_r sum_i n_i g_i / sum_r n_r over the ranks
@@ -389,13 +391,46 @@ class EvidenceCollector:
         elif batches > 1:
             for g in pending.values():
                 g.div_(n)
-        self.feed(ids, pending, batch_size=n, averaged=distributor is not None)
+        self.feed(ids, pending, batch_size=n, averaged=distributor is not None, owned=True)
 
     def gradients(self, grads: Sequence[Tensor | None], params: Sequence[Tensor], due: list[int]) -> None:
         """The low-level form: one curvature gradient per parameter, fed at once."""
         self.flush()
         self.feed(due, {id(p): g for p, g in zip(params, grads)})
         self.run.stats_taken_at = self.run.step
+
+    # ------------------------------------------------------------------ the minibatch gradient
+    def minibatch(self, active: Sequence[int], due: Sequence[int], full_grads: dict[int, Tensor | None] | None) -> None:
+        """At ``step()``, for an estimator that reads the minibatch gradient: fold it (or, for a
+        layer estimator that accumulates, the recorded micro-batches) into the statistics of the
+        ``active`` blocks that are ``due``, once per step. ``full_grads``: FSDP2's gathered
+        gradients by parameter id (``None``: ``p.grad``).
+
+        Counts ``partial_evidence`` (and warns once) where a layer estimator will read the
+        records of the last of several forward passes only."""
+        run, recorder = self.run, self.recorder
+        if run.stats_taken_at == run.step:
+            return
+        accumulates = self.spec.layer_io and self.estimator.accumulates
+        if recorder is not None and getattr(recorder, "forwards", 0) > 1:
+            # records of earlier micro-batches replaced by the last forward's: an estimator that
+            # does not accumulate, or one whose after-step pairs read them on a step without statistics
+            partial = list(due) if not accumulates else ([] if due or not self.spec.closure else list(active))
+            for bi in partial:
+                if self.blocks[bi].module is not None:
+                    self.health.count(bi, "partial_evidence")
+            if partial:
+                self.health.warn_once("partial_evidence", _partial_message(recorder.forwards))
+        due_set = set(due)
+        ids = [bi for bi in active if bi in due_set]
+        if not ids:
+            return
+        if accumulates:  # the last micro-batch's records, with the earlier ones' sums
+            self.harvest(ids, batch_size=None)
+        else:
+            grads = {id(p): p.grad if full_grads is None else full_grads[id(p)] for bi in ids for p in self.blocks[bi].params}
+            self.feed(ids, grads)
+        run.stats_taken_at = run.step
 
     # ------------------------------------------------------------------ feeding
     def feed(
@@ -406,11 +441,14 @@ class EvidenceCollector:
         decay: float | None = None,
         batch_size: int | None = None,
         averaged: bool = False,
+        owned: bool = False,
     ) -> None:
         """Fold evidence into the statistics of ``block_ids`` (fault-tolerant, no host reads).
 
         Under a distributor, statistics are averaged over the ranks after the update unless the
-        evidence itself was already ``averaged`` (the sampled gradient of the global batch)."""
+        evidence itself was already ``averaged`` (the sampled gradient of the global batch).
+        ``owned`` evidence (the collector's own sampled gradients) is masked in place; other
+        evidence (``p.grad``, a caller's tensors) is left as it is."""
         blocks = [self.blocks[bi] for bi in block_ids]
         get = grads_by_param.get
         evid = [[get(id(p)) for p in b.params] for b in blocks]
@@ -450,11 +488,12 @@ class EvidenceCollector:
             oks = ok.unbind(0)
             for i, v in zip(ids, oks):
                 valid[i] = v
+            mask = zero_each_unless_ if owned else zero_unless
             if ids is owners:
-                safe = iter(zero_unless(ok, present, flag_list=oks))  # the present tensors, in their order
+                safe = iter(mask(ok, present, flag_list=oks))  # the present tensors, in their order
             else:  # each tensor takes its block's flag
                 position = {i: j for j, i in enumerate(ids)}
-                safe = iter(zero_unless(ok[index_tensor([position[i] for i in owners], ok.device)], present))
+                safe = iter(mask(ok[index_tensor([position[i] for i in owners], ok.device)], present))
             for i in ids:
                 evid[i] = [None if g is None else next(safe) for g in evid[i]]
         layer = self.recorder
@@ -564,3 +603,12 @@ def _sampled_root(
     if seed is not None:
         return outputs, seed
     return sampled_loss(outputs, loss, reduction=reduction, generator=generator, **options), None
+
+
+def _partial_message(forwards: int) -> str:
+    return (
+        f"the model ran {forwards} forward passes with gradients before step(); a layer-based estimator "
+        f"reads the records of the last one only, so its statistics came from the last micro-batch "
+        f"(step once per forward, use an estimator that accumulates micro-batches, or -- K-BFGS -- "
+        f"take statistics on every step, curvature_every=1, when accumulating)"
+    )
