@@ -559,7 +559,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         # 1. evidence: the minibatch gradient (when the estimator reads it), pending micro-batches
         if self._evidence.source is Source.MINIBATCH:
-            self._collector.minibatch(active, self._due_blocks(), full)
+            self._collector.minibatch(active, full)
         self._collector.flush(self._due_blocks() if self._distributor is not None else None, strict=self.strict)
         self._check_stale()
 

@@ -400,17 +400,19 @@ class EvidenceCollector:
         self.run.stats_taken_at = self.run.step
 
     # ------------------------------------------------------------------ the minibatch gradient
-    def minibatch(self, active: Sequence[int], due: Sequence[int], full_grads: dict[int, Tensor | None] | None) -> None:
+    def minibatch(self, active: Sequence[int], full_grads: dict[int, Tensor | None] | None) -> None:
         """At ``step()``, for an estimator that reads the minibatch gradient: fold it (or, for a
         layer estimator that accumulates, the recorded micro-batches) into the statistics of the
-        ``active`` blocks that are ``due``, once per step. ``full_grads``: FSDP2's gathered
-        gradients by parameter id (``None``: ``p.grad``).
+        ``active`` blocks whose statistics are due (the optimizer's ``due_blocks``), once per step.
+        ``full_grads``: FSDP2's gathered gradients by parameter id (``None``: ``p.grad``).
 
         Counts ``partial_evidence`` (and warns once) where a layer estimator will read the
         records of the last of several forward passes only."""
         run, recorder = self.run, self.recorder
-        if run.stats_taken_at == run.step:
+        schedule = None if self.due_blocks is None else self.due_blocks()  # the optimizer's, weakly held
+        if run.stats_taken_at == run.step or schedule is None:
             return
+        due = schedule()
         accumulates = self.spec.layer_io and self.estimator.accumulates
         if recorder is not None and getattr(recorder, "forwards", 0) > 1:
             # records of earlier micro-batches replaced by the last forward's: an estimator that
