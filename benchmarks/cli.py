@@ -27,10 +27,15 @@ from .methods import PREFERRED_ORDER, discover_methods
 from .plots import plot_curves
 from .problems import PROBLEMS, DataOptions, get_problem
 from .report import environment, format_table, load_runs, summarize, write_json
-from .runner import Budget, RunResult, run_one, warm_up
+from .runner import Budget, RunResult, peak_memory, run_interleaved, run_one, warm_up
 from .settings import PROBLEM_DEFAULTS, settings_for
 
 __all__ = ["build_parser", "main", "parse_overrides"]
+
+#: Training steps of the short run that measures each method's peak memory when the methods train
+#: side by side (their state is resident together there): past the first inversion period of
+#: every method's default schedule, where its memory stops growing.
+MEMORY_STEPS = 30
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default: the problem's; 1 for the small problems, whose ops are too "
                    "small to gain from threads and whose timings threads make noisy on a busy machine)")
     p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/<problem>/)")
+    p.add_argument("--sequential", action="store_true",
+                   help="train the methods of each seed one after another, each measuring its peak memory during "
+                   "its run (default: side by side, one epoch of each in turn, so that every method's clock sees the "
+                   "same machine; peak memory then comes from a short run of each method alone)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--list", action="store_true", help="list problems, installed methods and settings, then exit")
@@ -138,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
 
 
+def _report_run(label: str, r: RunResult) -> None:
+    print(f"{label}{r.method} seed {r.seed}: {r.status}, train loss {r.final_train_loss:.4f} after "
+          f"{r.epochs_done:.3g} epochs, {r.train_seconds:.1f} s" + (f"  ({r.message})" if r.message else ""), flush=True)
+
+
 def _write_outputs(payload: dict[str, Any], results: list[RunResult], out_dir: Path, *, plots: bool) -> None:
     """Print the table; write results.json, table.txt, table.rst and the plots to ``out_dir``."""
     problem = get_problem(payload["problem"])
@@ -153,9 +167,12 @@ def _write_outputs(payload: dict[str, Any], results: list[RunResult], out_dir: P
         what = f"{'BCE summed over outputs' if not problem.classifier else 'cross-entropy'} per example"
     subset = (f"{problem.train_eval_examples} fixed training examples" if problem.train_eval_examples
               else "the full training set")
-    print(f"train loss: mean {what} on {subset}; s/epoch: training steps only; opt state: tensor bytes of "
-          f"optimizer.state_dict(); peak RSS: increase during the run, evaluation (in training-size batches) "
-          f"included ({', '.join(mem)})"
+    side = payload.get("schedule") == "interleaved"
+    print(f"train loss: mean {what} on {subset}; s/epoch: training steps only"
+          + (", the methods of each seed trained side by side (one epoch of each in turn)" if side else "")
+          + f"; opt state: tensor bytes of optimizer.state_dict(); peak RSS: increase during "
+          + ("a short run of the method alone" if side else "the run")
+          + f", evaluation (in training-size batches) included ({', '.join(mem)})"
           + (f"; to {problem.test_name} {target:g}: steps and training seconds at the first evaluation at or "
              f"below it, over the seeds that reached it" if target is not None else ""))
     write_json(out_dir / "results.json", {**payload, "table": rows})
@@ -195,6 +212,8 @@ def _merge(payloads: list[dict[str, Any]]) -> dict[str, Any]:
     merged["command"] = [p.get("command") for p in payloads]
     merged["wall_seconds"] = max(float(p.get("wall_seconds", 0.0)) for p in payloads)
     merged["interrupted"] = any(p.get("interrupted") for p in payloads)
+    schedules = {p.get("schedule", "sequential") for p in payloads}
+    merged["schedule"] = schedules.pop() if len(schedules) == 1 else "mixed"
     merged["merged_from"] = len(payloads)
     return merged
 
@@ -260,21 +279,38 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
     results: list[RunResult] = []
     interrupted = False
     start = time.perf_counter()
-    total = len(chosen) * args.seeds
-    for seed in range(args.seed, args.seed + args.seeds):
-        for m in chosen:
-            label = f"[{len(results) + 1}/{total}] "
-            r = run_one(problem, split, methods[m], settings[m]["kwargs"], seed=seed, batch_size=batch_size,
-                        budget=budget, progress=not args.no_progress, position=label, eval_every=eval_every)
-            results.append(r)
-            print(f"{label}{m} seed {seed}: {r.status}, train loss {r.final_train_loss:.4f} after "
-                  f"{r.epochs_done:.3g} epochs, {r.train_seconds:.1f} s" + (f"  ({r.message})" if r.message else ""),
-                  flush=True)
-            if r.status == "interrupted":
+    seeds = range(args.seed, args.seed + args.seeds)
+    if args.sequential:
+        total = len(chosen) * args.seeds
+        for seed in seeds:
+            for m in chosen:
+                label = f"[{len(results) + 1}/{total}] "
+                r = run_one(problem, split, methods[m], settings[m]["kwargs"], seed=seed, batch_size=batch_size,
+                            budget=budget, progress=not args.no_progress, position=label, eval_every=eval_every)
+                results.append(r)
+                _report_run(label, r)
+                if r.status == "interrupted":
+                    interrupted = True
+                    break
+            if interrupted:
+                break
+    else:
+        print(f"memory    peak RSS of each method training alone for {MEMORY_STEPS} steps; then the methods of each "
+              f"seed train side by side, one epoch of each in turn", flush=True)
+        peaks = {m: peak_memory(problem, split, methods[m], settings[m]["kwargs"], seed=args.seed,
+                                batch_size=batch_size, budget=budget, steps=MEMORY_STEPS) for m in chosen}
+        for k, seed in enumerate(seeds):
+            label = f"[seed {k + 1}/{args.seeds}] "
+            runs = run_interleaved(problem, split, [methods[m] for m in chosen], [settings[m]["kwargs"] for m in chosen],
+                                   seed=seed, batch_size=batch_size, budget=budget, progress=not args.no_progress,
+                                   position=label, eval_every=eval_every)
+            for r in runs:
+                r.peak_mib, r.memory_method = peaks[r.method]
+                results.append(r)
+                _report_run(label, r)
+            if any(r.status == "interrupted" for r in runs):
                 interrupted = True
                 break
-        if interrupted:
-            break
     wall = time.perf_counter() - start
 
     payload = {
@@ -286,7 +322,8 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
         "data": {"n_train": split.n_train, "n_test": split.n_test, "data_dir": args.data_dir},
         "methods_found": {n: s.origin for n, s in methods.items()}, "methods_not_installed": absent,
         "settings": settings, "environment": environment(), "wall_seconds": wall,
-        "interrupted": interrupted, "runs": [r.to_dict() for r in results],
+        "interrupted": interrupted, "schedule": "sequential" if args.sequential else "interleaved",
+        "runs": [r.to_dict() for r in results],
     }
     _write_outputs(payload, results, out_dir, plots=not args.no_plots)
     print(f"wall time {wall:.1f} s")

@@ -14,6 +14,12 @@ steps (full training and test sets, or a fixed subset of the training set where 
 so; no gradient) is not timed. Optimizers get the problem's param groups where it defines them
 (``char-lm``: no weight decay on LayerNorm weights and embeddings). Model initialisation and data order depend on the seed only,
 so every method sees the same initial weights and the same minibatches.
+
+Two ways to run several methods: :func:`run_one` trains one after another, each measuring its
+own peak memory; :func:`run_interleaved` trains them side by side, one epoch of each in turn
+(each run with its own random state, so the curves are the same to every digit), so that a
+ratio of their times compares methods that ran through the same states of the machine, and
+:func:`peak_memory` measures each method's memory in a short run alone.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from .memory import PeakRSS, state_bytes
 from .methods import MethodSpec
 from .problems import Problem, evaluate
 
-__all__ = ["Budget", "RunResult", "run_one", "warm_up"]
+__all__ = ["Budget", "Run", "RunResult", "peak_memory", "run_interleaved", "run_one", "warm_up"]
 
 MIB = 2.0**20
 
@@ -144,6 +150,142 @@ def _record(result: RunResult, model: nn.Module, problem: Problem, split: Split,
     return math.isfinite(train_loss)
 
 
+class Run:
+    """One (method, seed) run that trains an epoch at a time, so that several runs can take turns.
+
+    Each run keeps its own copy of torch's global random state (saved when it hands over, restored
+    when it resumes): methods that draw from the global generator (sampling seeds, dropout) see
+    exactly the numbers they would see alone, so an interleaved run's curves equal a sequential
+    run's to every digit. Errors of the optimizer end the run with status ``"error"``; a
+    ``KeyboardInterrupt`` propagates (the caller marks the runs it stops).
+    """
+
+    def __init__(self, problem: Problem, split: Split, method: MethodSpec, settings: dict[str, Any], *, seed: int,
+                 batch_size: int, budget: Budget, eval_every: int | None = None) -> None:
+        if batch_size > split.n_train:
+            raise ValueError(f"batch_size {batch_size} is larger than the training set ({split.n_train} examples)")
+        self.problem, self.split, self.method, self.settings = problem, split, method, settings
+        self.seed, self.batch_size, self.budget, self.eval_every = seed, batch_size, budget, eval_every
+        self.result = RunResult(method.name, seed, dict(settings))
+        self.steps_per_epoch = split.n_train // batch_size  # the last partial batch is dropped
+        self.done = False
+        self._epoch = 0
+        self._model: nn.Module | None = None
+        self._opt: torch.optim.Optimizer | None = None
+        self._order: torch.Generator | None = None
+        self._rng: Tensor | None = None
+        self._curvature = False
+        self._needs_closure = False
+
+    def start(self) -> None:
+        """Build the model (seeded) and the optimizer, and record the curves' first point."""
+        torch.manual_seed(self.seed)
+        self._model = self.problem.build_model()
+        self._order = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed + 7919)  # optimizers that draw their sampling seed from torch's generator
+        try:
+            self._opt = _build(self.method, self._model, self.problem, self.settings)
+            self._curvature = self.method.curvature and hasattr(self._opt, "update_curvature")
+            self._needs_closure = bool(getattr(self._opt, "needs_closure", False))
+            _record(self.result, self._model, self.problem, self.split, 0.0, self.batch_size)
+        except Exception as exc:  # a failing optimizer must not take the other runs down
+            self._fail(exc)
+
+    def advance(self) -> float:
+        """Train one epoch (less where the budget runs out first) and return the progress made in
+        the budget's unit (epochs, steps or seconds)."""
+        result, budget, problem, split, model = self.result, self.budget, self.problem, self.split, self._model
+        assert model is not None and self._opt is not None and self._order is not None
+        n, batch, steps_per_epoch = split.n_train, self.batch_size, self.steps_per_epoch
+        seconds0, steps0 = result.train_seconds, result.steps
+        try:
+            perm = torch.randperm(n, generator=self._order)
+            for i in range(steps_per_epoch):
+                idx = perm[i * batch:(i + 1) * batch]
+                x, y = split.x_train[idx], split.y_train[idx]
+                start = time.perf_counter()
+                loss = _train_step(model, self._opt, problem, x, y, self._curvature, self._needs_closure)
+                value = float(loss)
+                result.train_seconds += time.perf_counter() - start
+                result.steps += 1
+                result.step_loss.append(value)
+                position = self._epoch + (i + 1) / steps_per_epoch
+                if not math.isfinite(value):
+                    return self._diverged(f"non-finite training loss at step {result.steps}", seconds0, steps0)
+                out_of_time = budget.seconds is not None and result.train_seconds >= budget.seconds
+                out_of_steps = budget.steps is not None and result.steps >= budget.steps
+                if out_of_time or out_of_steps:
+                    self.done = True
+                    if i + 1 < steps_per_epoch:
+                        if not _record(result, model, problem, split, position, batch):
+                            result.status, result.message = "diverged", f"non-finite training loss at epoch {position:.3g}"
+                        return self._progress(seconds0, steps0, position - self._epoch)
+                    break
+                if self.eval_every and result.steps % self.eval_every == 0 and i + 1 < steps_per_epoch:
+                    if not _record(result, model, problem, split, position, batch):
+                        return self._diverged(f"non-finite training loss at step {result.steps}", seconds0, steps0)
+            self._epoch += 1
+            if not _record(result, model, problem, split, float(self._epoch), batch):
+                return self._diverged(f"non-finite training loss after epoch {self._epoch}", seconds0, steps0)
+            if budget.epochs is not None and self._epoch >= budget.epochs:
+                self.done = True
+        except Exception as exc:  # a failing optimizer must not take the other runs down
+            self._fail(exc)
+        return self._progress(seconds0, steps0, 1.0)
+
+    def finish(self) -> RunResult:
+        """Measure the optimizer state and release the model and optimizer; returns the result."""
+        if self._opt is not None and self.result.status != "error":
+            try:
+                self.result.state_mib = state_bytes(self._opt.state_dict()) / MIB
+            except Exception as exc:
+                self._fail(exc)
+        self._model = self._opt = None
+        self.done = True
+        return self.result
+
+    def swap_in(self) -> None:
+        """Make this run's random state torch's global one (its own, from the first call on)."""
+        if self._rng is not None:
+            torch.set_rng_state(self._rng)
+
+    def swap_out(self) -> None:
+        self._rng = torch.get_rng_state()
+
+    def _progress(self, seconds0: float, steps0: int, epochs: float) -> float:
+        if self.budget.seconds is not None:
+            return self.result.train_seconds - seconds0
+        if self.budget.steps is not None:
+            return float(self.result.steps - steps0)
+        return epochs
+
+    def _diverged(self, message: str, seconds0: float, steps0: int) -> float:
+        self.result.status, self.result.message = "diverged", message
+        self.done = True
+        return self._progress(seconds0, steps0, 1.0)
+
+    def _fail(self, exc: Exception) -> None:
+        self.result.status = "error"
+        self.result.message = f"{type(exc).__name__}: {exc}"
+        self.result.traceback = traceback.format_exc()
+        self.done = True
+
+
+def _bar(total: float, unit: str, desc: str, progress: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if progress else True, leave=False, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} {unit} [{elapsed}<{remaining}{postfix}]")
+
+
+def _budget_units(budget: Budget) -> tuple[float, str]:
+    if budget.seconds is not None:
+        return budget.seconds, "s"
+    if budget.steps is not None:
+        return float(budget.steps), "step"
+    return float(budget.epochs), "epoch"  # type: ignore[arg-type]
+
+
 def run_one(
     problem: Problem,
     split: Split,
@@ -157,7 +299,8 @@ def run_one(
     position: str = "",
     eval_every: int | None = None,
 ) -> RunResult:
-    """Train a fresh model of ``problem`` with ``method`` and return its :class:`RunResult`.
+    """Train a fresh model of ``problem`` with ``method`` and return its :class:`RunResult`, its
+    peak resident memory measured during the run.
 
     ``eval_every`` records a curve point every so many steps besides the end of each epoch.
 
@@ -165,89 +308,102 @@ def run_one(
     Never raises for a diverging or failing optimizer (the status says so); a
     ``KeyboardInterrupt`` ends the run with status ``"interrupted"`` and what it had so far.
     """
-    from tqdm.auto import tqdm
-
-    result = RunResult(method.name, seed, dict(settings))
-    n = split.n_train
-    if batch_size > n:
-        raise ValueError(f"batch_size {batch_size} is larger than the training set ({n} examples)")
-    steps_per_epoch = n // batch_size  # the last partial batch is dropped: every step sees batch_size examples
-    torch.manual_seed(seed)
-    model = problem.build_model()
-    order = torch.Generator().manual_seed(seed)
-    if budget.seconds is not None:
-        total, unit = budget.seconds, "s"
-    elif budget.steps is not None:
-        total, unit = budget.steps, "step"
-    else:
-        total, unit = budget.epochs, "epoch"
-    bar = tqdm(total=total, desc=f"{position}{method.name}", unit=unit, disable=None if progress else True, leave=False,
-               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} {unit} [{elapsed}<{remaining}{postfix}]")
+    run = Run(problem, split, method, settings, seed=seed, batch_size=batch_size, budget=budget, eval_every=eval_every)
+    total, unit = _budget_units(budget)
+    bar = _bar(total, unit, f"{position}{method.name}", progress)
     meter = PeakRSS()
     try:
         with meter:
-            torch.manual_seed(seed + 7919)  # optimizers that draw their sampling seed from torch's generator
-            opt = _build(method, model, problem, settings)
-            curvature = method.curvature and hasattr(opt, "update_curvature")
-            needs_closure = bool(getattr(opt, "needs_closure", False))
-            _record(result, model, problem, split, 0.0, batch_size)
-            epoch = 0
-            stop = False
-            while not stop:
-                perm = torch.randperm(n, generator=order)
-                for i in range(steps_per_epoch):
-                    idx = perm[i * batch_size:(i + 1) * batch_size]
-                    x, y = split.x_train[idx], split.y_train[idx]
-                    start = time.perf_counter()
-                    loss = _train_step(model, opt, problem, x, y, curvature, needs_closure)
-                    value = float(loss)
-                    elapsed = time.perf_counter() - start
-                    result.train_seconds += elapsed
-                    result.steps += 1
-                    result.step_loss.append(value)
-                    if not math.isfinite(value):
-                        result.status, result.message = "diverged", f"non-finite training loss at step {result.steps}"
-                        stop = True
-                        break
-                    if budget.seconds is not None:
-                        bar.update(elapsed)
-                    elif budget.steps is not None:
-                        bar.update(1)
-                    out_of_time = budget.seconds is not None and result.train_seconds >= budget.seconds
-                    out_of_steps = budget.steps is not None and result.steps >= budget.steps
-                    if out_of_time or out_of_steps:
-                        stop = True
-                        if i + 1 < steps_per_epoch:
-                            _finish(result, model, problem, split, epoch + (i + 1) / steps_per_epoch, batch_size)
-                            break
-                    elif eval_every and result.steps % eval_every == 0 and i + 1 < steps_per_epoch:
-                        if not _record(result, model, problem, split, epoch + (i + 1) / steps_per_epoch, batch_size):
-                            result.status, result.message = "diverged", f"non-finite training loss at step {result.steps}"
-                            stop = True
-                            break
-                        bar.set_postfix_str(f"loss {result.test_loss[-1]:.4g}", refresh=False)
-                else:
-                    epoch += 1
-                    if not _record(result, model, problem, split, float(epoch), batch_size):
-                        result.status, result.message = "diverged", f"non-finite training loss after epoch {epoch}"
-                        stop = True
-                    if budget.seconds is None and budget.steps is None:
-                        bar.update(1)
-                    bar.set_postfix_str(f"loss {result.train_loss[-1]:.4g}", refresh=False)
-                    if budget.epochs is not None and epoch >= budget.epochs:
-                        stop = True
-            result.state_mib = state_bytes(opt.state_dict()) / MIB
+            run.start()
+            while not run.done:
+                bar.update(run.advance())
+                if run.result.train_loss:
+                    bar.set_postfix_str(f"loss {run.result.train_loss[-1]:.4g}", refresh=False)
+            run.finish()
     except KeyboardInterrupt:
-        result.status, result.message = "interrupted", "Ctrl-C: the run was stopped by the user"
-    except Exception as exc:  # a failing optimizer must not take the other runs down
-        result.status = "error"
-        result.message = f"{type(exc).__name__}: {exc}"
-        result.traceback = traceback.format_exc()
+        run.result.status, run.result.message = "interrupted", "Ctrl-C: the run was stopped by the user"
+        run.finish()
     finally:
         bar.close()
-    result.peak_mib = meter.peak_bytes / MIB
-    result.memory_method = meter.method
-    return result
+    run.result.peak_mib = meter.peak_bytes / MIB
+    run.result.memory_method = meter.method
+    return run.result
+
+
+def run_interleaved(
+    problem: Problem,
+    split: Split,
+    methods: Sequence[MethodSpec],
+    settings: Sequence[dict[str, Any]],
+    *,
+    seed: int,
+    batch_size: int,
+    budget: Budget,
+    progress: bool = True,
+    position: str = "",
+    eval_every: int | None = None,
+) -> list[RunResult]:
+    """Train one fresh model per method side by side: each run trains one epoch in turn, round
+    after round, until every run has spent its budget, so that every method's clock runs through
+    the same states of the machine (a busy neighbour, frequency scaling, a slow phase of the host)
+    instead of each method meeting its own. The curves equal :func:`run_one`'s to every digit
+    (each run keeps its own random state); peak memory is not measured here (the runs' memory is
+    resident together; :func:`peak_memory` measures it alone).
+
+    A ``KeyboardInterrupt`` marks the unfinished runs ``"interrupted"`` and returns what they had.
+    """
+    runs = [Run(problem, split, m, s, seed=seed, batch_size=batch_size, budget=budget, eval_every=eval_every)
+            for m, s in zip(methods, settings)]
+    total, unit = _budget_units(budget)
+    bar = _bar(total * len(runs), unit, f"{position}seed {seed}", progress)
+    current: Run | None = None
+    try:
+        for run in runs:
+            current = run
+            run.start()
+            run.swap_out()
+        while not all(run.done for run in runs):
+            for run in runs:
+                if run.done:
+                    continue
+                current = run
+                run.swap_in()
+                made = run.advance()
+                run.swap_out()
+                bar.update(made)
+                bar.set_postfix_str(run.method.name, refresh=False)
+                if run.done:
+                    bar.update(max(0.0, total - _spent(run, budget)))  # a run that stopped early
+                    run.finish()
+    except KeyboardInterrupt:
+        for run in runs:
+            if not run.done or run is current:
+                run.result.status, run.result.message = "interrupted", "Ctrl-C: the run was stopped by the user"
+    finally:
+        bar.close()
+        for run in runs:
+            run.finish()
+    return [run.result for run in runs]
+
+
+def _spent(run: Run, budget: Budget) -> float:
+    if budget.seconds is not None:
+        return run.result.train_seconds
+    if budget.steps is not None:
+        return float(run.result.steps)
+    return run.result.epochs_done
+
+
+def peak_memory(problem: Problem, split: Split, method: MethodSpec, settings: dict[str, Any], *, seed: int,
+                batch_size: int, budget: Budget, steps: int = 100) -> tuple[float, str]:
+    """``(MiB, how)``: the peak resident memory of ``method`` training alone for ``steps`` steps
+    (fewer where ``budget`` ends first), evaluation included, as :func:`run_one` measures it.
+    A ``KeyboardInterrupt`` propagates."""
+    short = Budget(epochs=budget.epochs, seconds=budget.seconds, steps=min(steps, budget.steps or steps))
+    result = run_one(problem, split, method, settings, seed=seed, batch_size=batch_size, budget=short, progress=False)
+    if result.status == "interrupted":
+        raise KeyboardInterrupt
+    return result.peak_mib, f"{result.memory_method}, {result.steps} steps alone"
 
 
 def warm_up(problem: Problem, split: Split, batch_size: int, methods: Sequence[MethodSpec]) -> None:

@@ -20,7 +20,8 @@ from benchmarks.memory import state_bytes
 from benchmarks.methods import PREFERRED_ORDER, MethodSpec, discover_methods
 from benchmarks.problems import PROBLEMS, DataOptions, get_problem
 from benchmarks.report import format_table, summarize
-from benchmarks.runner import Budget, run_one
+from benchmarks import runner
+from benchmarks.runner import Budget, peak_memory, run_interleaved, run_one
 from benchmarks.settings import PROBLEM_DEFAULTS, SETTINGS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -189,6 +190,72 @@ def test_same_seed_gives_same_run_and_time_budget_stops_early():
     assert t.seconds[-1] == pytest.approx(t.train_seconds)
 
 
+class _NoisySGD(torch.optim.SGD):
+    """SGD with noise from torch's global generator in every step (as dropout or a sampling
+    optimizer draws): runs that take turns must each see their own stream."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        with torch.no_grad():
+            for p in self.param_groups[0]["params"]:
+                p.add_(torch.randn_like(p), alpha=1e-3)
+
+
+def test_interleaved_runs_equal_sequential_runs_to_every_digit():
+    """Side by side, one epoch of each in turn: every run's curves and step losses are those it
+    has alone, also for methods that draw from torch's global generator while they train (TNT
+    draws its sampling seed from it) and under a step budget that ends mid-epoch."""
+    problem, split = _digits_small()
+    found = discover_methods()[0]
+    noisy = MethodSpec("noisy", lambda model, **kw: _NoisySGD(model.parameters(), lr=0.01, momentum=0.9), "test", False)
+    methods = [noisy, found["TNT"], noisy, found["SGD-m"]]
+    settings = [{}, {"lr": 3e-3, "damping": 0.1}, {}, {"lr": 0.01, "momentum": 0.9}]
+    for budget in (Budget(epochs=2), Budget(steps=11)):
+        alone = [run_one(problem, split, m, s, seed=3, batch_size=200, budget=budget, progress=False)
+                 for m, s in zip(methods, settings)]
+        together = run_interleaved(problem, split, methods, settings, seed=3, batch_size=200, budget=budget,
+                                   progress=False)
+        for a, t in zip(alone, together):
+            assert t.status == a.status == "ok" and t.method == a.method
+            assert t.step_loss == a.step_loss and t.train_loss == a.train_loss and t.test_loss == a.test_loss
+            assert t.epoch == a.epoch and t.step == a.step and t.steps == a.steps
+            assert t.state_mib == a.state_mib and math.isnan(t.peak_mib)  # memory is measured alone
+    assert together[0].epoch[-1] == pytest.approx(11 / 7) and together[0].steps == 11
+
+
+def test_interleaved_runs_keep_going_past_a_failing_or_diverging_one():
+    problem, split = _digits_small()
+    sgd = discover_methods()[0]["SGD-m"]
+    broken = MethodSpec("broken", lambda model, **kw: _NaNAfter(model.parameters(), 3), "test", False)
+    class _Raises(torch.optim.SGD):
+        def step(self, closure=None):
+            if self.state_dict()["state"]:  # its second step
+                raise RuntimeError("broken optimizer")
+            return super().step(closure)
+
+    raising = MethodSpec("raising", lambda model, **kw: _Raises(model.parameters(), lr=0.01, momentum=0.9), "test", False)
+    runs = run_interleaved(problem, split, [broken, raising, sgd], [{}, {}, {"lr": 0.01, "momentum": 0.9}], seed=0,
+                           batch_size=200, budget=Budget(epochs=3), progress=False)
+    assert [r.status for r in runs] == ["diverged", "error", "ok"]
+    assert runs[0].steps == 4 and "broken optimizer" in runs[1].message and runs[1].steps == 1
+    assert runs[2].epoch == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_peak_memory_is_a_short_run_alone_and_passes_ctrl_c_on():
+    problem, split = _digits_small()
+    found = discover_methods()[0]
+    mib, how = peak_memory(problem, split, found["TNT"], {}, seed=0, batch_size=200, budget=Budget(epochs=100), steps=5)
+    assert mib >= 0 and "5 steps alone" in how
+
+    class _Stop(torch.optim.SGD):
+        def step(self, closure=None):
+            raise KeyboardInterrupt
+
+    stop = MethodSpec("stop", lambda model, **kw: _Stop(model.parameters(), lr=0.1), "test", False)
+    with pytest.raises(KeyboardInterrupt):
+        peak_memory(problem, split, stop, {}, seed=0, batch_size=200, budget=Budget(epochs=1))
+
+
 class _ClosureSGD(torch.optim.SGD):
     needs_closure = True
 
@@ -229,7 +296,9 @@ def test_cli_digits_ae_writes_table_json_and_plots(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0
     assert "final train loss" in text and "TNT" in text and "found" in text
-    assert payload["problem"] == "digits-ae" and len(payload["runs"]) == 4
+    assert payload["problem"] == "digits-ae" and len(payload["runs"]) == 4 and payload["schedule"] == "interleaved"
+    assert all(r["peak_mib"] >= 0 and "steps alone" in r["memory_method"] for r in payload["runs"])
+    assert "side by side" in text
     assert {r["method"] for r in payload["runs"]} == {"SGD-m", "TNT"}
     for r in payload["runs"]:
         assert r["status"] == "ok" and r["epoch"] == [0.0, 1.0] and len(r["train_loss"]) == 2
@@ -300,9 +369,42 @@ def test_cli_ctrl_c_keeps_finished_runs_and_errors_do_not_stop_others(tmp_path, 
     assert code == 1 and [r["status"] for r in payload["runs"]] == ["error", "ok"]
     assert "broken optimizer" in payload["runs"][0]["message"]
     code, out, payload = _run(tmp_path, "--epochs", "1", "--batch-size", "300", "--methods", "SGD-m,Stop,Adam",
-                              "--no-plots")
-    assert code == 130 and payload["interrupted"] is True
+                              "--no-plots", "--sequential")
+    assert code == 130 and payload["interrupted"] is True and payload["schedule"] == "sequential"
     assert [r["status"] for r in payload["runs"]] == ["ok", "interrupted"]  # Adam never started
+
+
+def test_cli_ctrl_c_side_by_side_marks_the_unfinished_runs(tmp_path, monkeypatch):
+    """Side by side (the default), Ctrl-C in one run's epoch stops the seed: runs that had
+    finished keep their status, the others are marked interrupted, and the table is written."""
+    real = cli.discover_methods
+    built = []
+
+    class _Late(torch.optim.SGD):  # the third one built (after warm-up and the memory run) is the timed run
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            built.append(self)
+            self.calls = 0
+
+        def step(self, closure=None):
+            self.calls += 1
+            if len(built) == 3 and self is built[2] and self.calls == 2:
+                raise KeyboardInterrupt
+            return super().step(closure)
+
+    def fake():
+        methods, notes = real()
+        methods["Late"] = MethodSpec("Late", lambda m: _Late(m.parameters(), lr=0.1), "test", False)
+        return methods, notes
+
+    monkeypatch.setattr(cli, "discover_methods", fake)
+    code, out, payload = _run(tmp_path, "--epochs", "1", "--batch-size", "300", "--methods", "SGD-m,Late,Adam",
+                              "--no-plots", "--seeds", "2")
+    assert code == 130 and payload["interrupted"] is True and payload["schedule"] == "interleaved"
+    # SGD-m trained its one epoch before Late's turn; Adam never got its turn
+    assert [(r["method"], r["status"]) for r in payload["runs"]] == [("SGD-m", "ok"), ("Late", "interrupted"),
+                                                                     ("Adam", "interrupted")]
+    assert (out / "table.txt").exists()
 
 
 def test_cli_rejects_bad_options(capsys):
