@@ -170,7 +170,7 @@ def _write_outputs(payload: dict[str, Any], results: list[RunResult], out_dir: P
     side = payload.get("schedule") == "interleaved"
     print(f"train loss: mean {what} on {subset}; s/epoch: training steps only"
           + (", the methods of each seed trained side by side (one epoch of each in turn)" if side else "")
-          + f"; opt state: tensor bytes of optimizer.state_dict(); peak RSS: increase during "
+          + "; opt state: tensor bytes of optimizer.state_dict(); peak RSS: increase during "
           + ("a short run of the method alone" if side else "the run")
           + f", evaluation (in training-size batches) included ({', '.join(mem)})"
           + (f"; to {problem.test_name} {target:g}: steps and training seconds at the first evaluation at or "

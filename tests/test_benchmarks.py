@@ -20,7 +20,6 @@ from benchmarks.memory import state_bytes
 from benchmarks.methods import PREFERRED_ORDER, MethodSpec, discover_methods
 from benchmarks.problems import PROBLEMS, DataOptions, get_problem
 from benchmarks.report import format_table, summarize
-from benchmarks import runner
 from benchmarks.runner import Budget, peak_memory, run_interleaved, run_one
 from benchmarks.settings import PROBLEM_DEFAULTS, SETTINGS
 
