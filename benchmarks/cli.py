@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true",
                    help="train the methods of each seed one after another, each measuring its peak memory during "
                    "its run (default: side by side, one epoch of each in turn, so that every method's clock sees the "
-                   "same machine; peak memory then comes from a short run of each method alone)")
+                   "same machine; peak memory then comes from a short run of each method alone). Side by side "
+                   "holds every method's model and state at once: use --sequential where they do not fit together")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--list", action="store_true", help="list problems, installed methods and settings, then exit")
