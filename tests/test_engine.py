@@ -434,6 +434,28 @@ def test_zero_unless_in_place_keeps_or_zeroes_the_same_tensor(n):
             assert torch.equal(_bits_of(work), _bits_of(ref))
 
 
+def test_stack_flags_gives_back_the_vector_its_flags_came_from_and_stacks_anything_else():
+    """Flags unbound from one vector and gathered again in order are that vector (no copy); any
+    other list (a subset, another order, flags of two vectors, a view's entries, fresh 0-d
+    tensors) is torch.stack's result, with torch.stack's values."""
+    from curvkit.engine import finite
+
+    ok = torch.tensor([True, False, True, True])
+    other = torch.tensor([False, True])
+    parts = ok.unbind(0)
+    assert finite.stack_flags(list(parts)) is ok
+    cases = [
+        [parts[0], parts[2], parts[3]],  # a subset
+        [parts[1], parts[0], parts[2], parts[3]],  # another order
+        [parts[0], parts[1], *other.unbind(0)],  # two vectors
+        list(torch.tensor([True, True, False, False, True])[1:].unbind(0)),  # the entries of a view
+        [torch.tensor(True), torch.tensor(False)],  # no common base
+    ]
+    for flags in cases:
+        got = finite.stack_flags(flags)
+        assert got is not ok and torch.equal(got, torch.stack(flags))
+
+
 def test_zero_each_unless_masks_owned_tensors_in_place_and_leaves_shared_ones_alone():
     """The in-place form gives where's bits in the same tensors; a non-contiguous tensor (entries
     may share memory) and a second listing of one tensor (another block's flag) get where's result

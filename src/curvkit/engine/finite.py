@@ -24,7 +24,9 @@ from torch import Tensor
 
 from ..matrix_functions import _BITS  # the integer type of each floating type's bits
 
-__all__ = ["finite_flags", "finite_norms", "scalar_tensor", "select", "zero_each_unless_", "zero_unless", "zero_unless_"]
+__all__ = [
+    "finite_flags", "finite_norms", "scalar_tensor", "select", "stack_flags", "zero_each_unless_", "zero_unless", "zero_unless_",
+]
 
 _SCALARS: dict[tuple[float, float, torch.dtype, torch.device], Tensor] = {}
 _MAX_SCALARS = 256
@@ -61,6 +63,25 @@ def finite_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
 def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     """One bool per tensor, ``True`` where every entry is finite (see :func:`finite_norms`)."""
     return finite_norms(tensors)[0]
+
+
+def stack_flags(flags: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(flags)`` of 0-d tensors, without the copy where they are the entries, in
+    order, of the 1-d tensor they were unbound from (a step's per-block flags, unbound for the
+    blocks and gathered again for a batched update): that tensor itself is returned, so the
+    caller must not modify the result in place."""
+    if flags:
+        base = flags[0]._base
+        if (
+            base is not None
+            and base.dim() == 1
+            and base.shape[0] == len(flags)
+            and not torch.compiler.is_compiling()
+        ):
+            start, stride = base.storage_offset(), base.stride(0)
+            if all(f._base is base and f.dim() == 0 and f.storage_offset() == start + i * stride for i, f in enumerate(flags)):
+                return base
+    return torch.stack(list(flags))
 
 
 def scalar_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:

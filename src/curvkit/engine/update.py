@@ -76,7 +76,8 @@ class UpdatePlan:
             :meth:`UpdateRule.prepare`.
         slot_devices: per slot, its device.
         momentum_sets: ``(slot, block positions, index tensor)`` per (schedule slot, dtype) of
-            blocks with momentum; the index tensor selects their ``ok_g`` flags.
+            blocks with momentum; the index tensor selects their ``ok_g`` flags (``None`` where
+            the set is every block in order: ``ok_g`` itself).
         plain: ``(block position, slot)`` of the blocks without momentum.
         shape_groups: block positions of each group of equal view shape, dtype, device and kind
             (one ``apply_group`` call each; the view shape is left out for a preconditioner that
@@ -89,7 +90,7 @@ class UpdatePlan:
     work: tuple[torch.dtype, ...]
     slot_groups: tuple[int, ...]
     slot_devices: tuple[torch.device, ...]
-    momentum_sets: tuple[tuple[int, tuple[int, ...], Tensor], ...]
+    momentum_sets: tuple[tuple[int, tuple[int, ...], Tensor | None], ...]
     plain: tuple[tuple[int, int], ...]
     shape_groups: tuple[tuple[int, ...], ...]
     update_sets: tuple[tuple[int, bool, tuple[tuple[int, int], ...]], ...]
@@ -124,7 +125,7 @@ def momentum_buffers(
     for slot, idx, index in plan.momentum_sets:
         mu, keep = hyper[slot][2], hyper[slot][3]
         bufs = [buffers[i] for i in idx]
-        mu_eff = _where_one(ok_g[index], mu, bufs[0].dtype)  # type: ignore[union-attr]
+        mu_eff = _where_one(ok_g if index is None else ok_g[index], mu, bufs[0].dtype)  # type: ignore[union-attr]
         torch._foreach_mul_(bufs, list(mu_eff.unbind(0)))
         if isinstance(keep, Tensor):
             torch._foreach_add_(bufs, torch._foreach_mul([safe[i] for i in idx], keep))
@@ -174,8 +175,8 @@ def apply_update(
     r""":math:`W \leftarrow W (1 - \eta\,\mathrm{wd}) - \eta P` in place where ``ok``. Under FSDP2
     (``sharding``, a :class:`~curvkit.engine.sharding.ShardedParams`) each rank updates its
     shard with its rows of the full step."""
-    oks = ok.unbind(0)
-    parts = [b.from_view(d) for b, d in zip(plan.blocks, zero_unless(ok, directions, flag_list=oks))]
+    oks: Sequence[Tensor] | None = None  # the flags one by one, where weight decay needs them
+    parts = [b.from_view(d) for b, d in zip(plan.blocks, zero_unless(ok, directions))]
     if sharding is not None:
         local = {(i, j): sharding.local(parts[i][j], params[i][j]) for _, _, members in plan.update_sets for i, j in members}
         params = [[local[(i, j)][0] if (i, j) in local else p for j, p in enumerate(ps)] for i, ps in enumerate(params)]
@@ -185,6 +186,8 @@ def apply_update(
         ps = [params[i][j] for i, j in members]
         dtype = ps[0].dtype
         if decays:
+            if oks is None:
+                oks = ok.unbind(0)
             flags = torch.stack([oks[i] for i, _ in members])
             if isinstance(lr, Tensor) or isinstance(wd, Tensor):
                 scale = torch.where(flags, (1.0 - lr * wd).to(dtype), torch.ones((), dtype=dtype, device=flags.device))
@@ -436,7 +439,10 @@ def _build_plan(
         work=work,
         slot_groups=tuple(gi for gi, _ in slots),
         slot_devices=tuple(d for _, d in slots),
-        momentum_sets=tuple((s, tuple(idx), index_tensor(idx, device0)) for (s, _), idx in momentum.items()),
+        momentum_sets=tuple(
+            (s, tuple(idx), None if idx == list(range(len(blocks))) else index_tensor(idx, device0))
+            for (s, _), idx in momentum.items()
+        ),
         plain=tuple(plain),
         shape_groups=tuple(tuple(idx) for idx in shapes.values()),
         update_sets=tuple((s, decays[s], tuple(members)) for (s, _), members in updates.items()),

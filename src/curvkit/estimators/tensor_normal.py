@@ -57,6 +57,7 @@ from torch import Tensor
 from ..blocks import Block
 from ..config import check_choice, check_in_unit_interval, check_positive
 from ..contractions import mode_gram, mode_products
+from ..engine.finite import stack_flags
 from ..interfaces import BlockEvidence, CurvatureEstimator, EvidenceSpec, Factor, PartConfig, Source
 from ..registry import register
 
@@ -249,7 +250,7 @@ class TensorNormal(CurvatureEstimator):
             if any(v is None for v in valids):
                 true = torch.ones((), dtype=torch.bool, device=device)
                 valids = [true if v is None else v for v in valids]
-            valid = torch.stack(valids).to(dtype)  # type: ignore[arg-type]
+            valid = stack_flags(valids).to(dtype)  # type: ignore[arg-type]  # (a copy: another dtype)
             rates = {m[2] for m in members}
             if len(rates) == 1:
                 takes = (valid * rates.pop()).unbind(0)
