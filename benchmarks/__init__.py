@@ -8,7 +8,8 @@ Run ``python -m benchmarks`` from the repository root (``--help`` for options). 
 * :mod:`benchmarks.problems` -- models, losses and data of each problem;
 * :mod:`benchmarks.methods` -- the compared optimizers (plugins found in curvkit's registry);
 * :mod:`benchmarks.settings` -- every default hyperparameter, with its reason;
-* :mod:`benchmarks.runner` -- one training run under an epoch or time budget;
+* :mod:`benchmarks.runner` -- one training run under an epoch or time budget, an epoch at a time;
+* :mod:`benchmarks.drive` -- runs one after another or side by side, and their peak memory;
 * :mod:`benchmarks.memory`, :mod:`benchmarks.report`, :mod:`benchmarks.plots` -- measurements,
   table, JSON and PNG output; :mod:`benchmarks.cli` -- the command line.
 """

@@ -27,7 +27,8 @@ from .methods import PREFERRED_ORDER, discover_methods
 from .plots import plot_curves
 from .problems import PROBLEMS, DataOptions, get_problem
 from .report import environment, format_table, load_runs, summarize, write_json
-from .runner import Budget, RunResult, peak_memory, run_interleaved, run_one, warm_up
+from .drive import peak_memory, run_interleaved, run_one
+from .runner import Budget, RunResult, warm_up
 from .settings import PROBLEM_DEFAULTS, settings_for
 
 __all__ = ["build_parser", "main", "parse_overrides"]

@@ -13,13 +13,8 @@ The clock counts training steps only; the evaluation after each epoch, or every 
 steps (full training and test sets, or a fixed subset of the training set where the problem says
 so; no gradient) is not timed. Optimizers get the problem's param groups where it defines them
 (``char-lm``: no weight decay on LayerNorm weights and embeddings). Model initialisation and data order depend on the seed only,
-so every method sees the same initial weights and the same minibatches.
-
-Two ways to run several methods: :func:`run_one` trains one after another, each measuring its
-own peak memory; :func:`run_interleaved` trains them side by side, one epoch of each in turn
-(each run with its own random state, so the curves are the same to every digit), so that a
-ratio of their times compares methods that ran through the same states of the machine, and
-:func:`peak_memory` measures each method's memory in a short run alone.
+so every method sees the same initial weights and the same minibatches. A :class:`Run` trains
+an epoch at a time; :mod:`benchmarks.drive` runs one alone or several side by side.
 """
 
 from __future__ import annotations
@@ -34,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from .data import Split
-from .memory import PeakRSS, state_bytes
+from .memory import state_bytes
 from .methods import MethodSpec
 from .problems import Problem, evaluate
 
-__all__ = ["Budget", "Run", "RunResult", "peak_memory", "run_interleaved", "run_one", "warm_up"]
+__all__ = ["Budget", "Run", "RunResult", "warm_up"]
 
 MIB = 2.0**20
 
@@ -271,141 +266,6 @@ class Run:
         self.done = True
 
 
-def _bar(total: float, unit: str, desc: str, progress: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if progress else True, leave=False, dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} {unit} [{elapsed}<{remaining}{postfix}]")
-
-
-def _budget_units(budget: Budget) -> tuple[float, str]:
-    if budget.seconds is not None:
-        return budget.seconds, "s"
-    if budget.steps is not None:
-        return float(budget.steps), "step"
-    return float(budget.epochs), "epoch"  # type: ignore[arg-type]
-
-
-def run_one(
-    problem: Problem,
-    split: Split,
-    method: MethodSpec,
-    settings: dict[str, Any],
-    *,
-    seed: int,
-    batch_size: int,
-    budget: Budget,
-    progress: bool = True,
-    position: str = "",
-    eval_every: int | None = None,
-) -> RunResult:
-    """Train a fresh model of ``problem`` with ``method`` and return its :class:`RunResult`, its
-    peak resident memory measured during the run.
-
-    ``eval_every`` records a curve point every so many steps besides the end of each epoch.
-
-    The progress bar (``progress=True``) shows only when stderr is a terminal.
-    Never raises for a diverging or failing optimizer (the status says so); a
-    ``KeyboardInterrupt`` ends the run with status ``"interrupted"`` and what it had so far.
-    """
-    run = Run(problem, split, method, settings, seed=seed, batch_size=batch_size, budget=budget, eval_every=eval_every)
-    total, unit = _budget_units(budget)
-    bar = _bar(total, unit, f"{position}{method.name}", progress)
-    meter = PeakRSS()
-    try:
-        with meter:
-            run.start()
-            while not run.done:
-                bar.update(run.advance())
-                if run.result.train_loss:
-                    bar.set_postfix_str(f"loss {run.result.train_loss[-1]:.4g}", refresh=False)
-            run.finish()
-    except KeyboardInterrupt:
-        run.result.status, run.result.message = "interrupted", "Ctrl-C: the run was stopped by the user"
-        run.finish()
-    finally:
-        bar.close()
-    run.result.peak_mib = meter.peak_bytes / MIB
-    run.result.memory_method = meter.method
-    return run.result
-
-
-def run_interleaved(
-    problem: Problem,
-    split: Split,
-    methods: Sequence[MethodSpec],
-    settings: Sequence[dict[str, Any]],
-    *,
-    seed: int,
-    batch_size: int,
-    budget: Budget,
-    progress: bool = True,
-    position: str = "",
-    eval_every: int | None = None,
-) -> list[RunResult]:
-    """Train one fresh model per method side by side: each run trains one epoch in turn, round
-    after round, until every run has spent its budget, so that every method's clock runs through
-    the same states of the machine (a busy neighbour, frequency scaling, a slow phase of the host)
-    instead of each method meeting its own. The curves equal :func:`run_one`'s to every digit
-    (each run keeps its own random state); peak memory is not measured here (the runs' memory is
-    resident together; :func:`peak_memory` measures it alone).
-
-    A ``KeyboardInterrupt`` marks the unfinished runs ``"interrupted"`` and returns what they had.
-    """
-    runs = [Run(problem, split, m, s, seed=seed, batch_size=batch_size, budget=budget, eval_every=eval_every)
-            for m, s in zip(methods, settings)]
-    total, unit = _budget_units(budget)
-    bar = _bar(total * len(runs), unit, f"{position}seed {seed}", progress)
-    current: Run | None = None
-    try:
-        for run in runs:
-            current = run
-            run.start()
-            run.swap_out()
-        while not all(run.done for run in runs):
-            for run in runs:
-                if run.done:
-                    continue
-                current = run
-                run.swap_in()
-                made = run.advance()
-                run.swap_out()
-                bar.update(made)
-                bar.set_postfix_str(run.method.name, refresh=False)
-                if run.done:
-                    bar.update(max(0.0, total - _spent(run, budget)))  # a run that stopped early
-                    run.finish()
-    except KeyboardInterrupt:
-        for run in runs:
-            if not run.done or run is current:
-                run.result.status, run.result.message = "interrupted", "Ctrl-C: the run was stopped by the user"
-    finally:
-        bar.close()
-        for run in runs:
-            run.finish()
-    return [run.result for run in runs]
-
-
-def _spent(run: Run, budget: Budget) -> float:
-    if budget.seconds is not None:
-        return run.result.train_seconds
-    if budget.steps is not None:
-        return float(run.result.steps)
-    return run.result.epochs_done
-
-
-def peak_memory(problem: Problem, split: Split, method: MethodSpec, settings: dict[str, Any], *, seed: int,
-                batch_size: int, budget: Budget, steps: int = 100) -> tuple[float, str]:
-    """``(MiB, how)``: the peak resident memory of ``method`` training alone for ``steps`` steps
-    (fewer where ``budget`` ends first), evaluation included, as :func:`run_one` measures it.
-    A ``KeyboardInterrupt`` propagates."""
-    short = Budget(epochs=budget.epochs, seconds=budget.seconds, steps=min(steps, budget.steps or steps))
-    result = run_one(problem, split, method, settings, seed=seed, batch_size=batch_size, budget=short, progress=False)
-    if result.status == "interrupted":
-        raise KeyboardInterrupt
-    return result.peak_mib, f"{result.memory_method}, {result.steps} steps alone"
-
-
 def warm_up(problem: Problem, split: Split, batch_size: int, methods: Sequence[MethodSpec]) -> None:
     """Two untimed steps of each given method on a throwaway model, so that one-time costs
     (lazy library initialisation, thread pools, first-use allocations) fall on no measured run."""
@@ -430,11 +290,6 @@ def _build(method: MethodSpec, model: nn.Module, problem: Problem, settings: dic
     if problem.param_groups is None:
         return method.build(model, **settings)
     return method.build(model, params=problem.param_groups(model), **settings)
-
-
-def _finish(result: RunResult, model: nn.Module, problem: Problem, split: Split, epoch: float, batch: int) -> None:
-    if not _record(result, model, problem, split, epoch, batch):
-        result.status, result.message = "diverged", f"non-finite training loss at epoch {epoch:.3g}"
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, problem: Problem, x: Tensor, y: Tensor,

@@ -26,7 +26,8 @@ import torch
 from .methods import discover_methods
 from .problems import PROBLEMS, DataOptions, get_problem
 from .report import write_json
-from .runner import Budget, run_one
+from .drive import run_one
+from .runner import Budget
 from .settings import PROBLEM_DEFAULTS, settings_for
 
 __all__ = ["main", "parse_grid"]

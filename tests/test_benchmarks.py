@@ -20,7 +20,8 @@ from benchmarks.memory import state_bytes
 from benchmarks.methods import PREFERRED_ORDER, MethodSpec, discover_methods
 from benchmarks.problems import PROBLEMS, DataOptions, get_problem
 from benchmarks.report import format_table, summarize
-from benchmarks.runner import Budget, peak_memory, run_interleaved, run_one
+from benchmarks.drive import peak_memory, run_interleaved, run_one
+from benchmarks.runner import Budget
 from benchmarks.settings import PROBLEM_DEFAULTS, SETTINGS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,8 @@ from benchmarks import charlm, cli, problems
 from benchmarks.methods import discover_methods
 from benchmarks.problems import DataOptions, get_problem
 from benchmarks.report import format_table, summarize
-from benchmarks.runner import Budget, RunResult, run_one
+from benchmarks.drive import run_one
+from benchmarks.runner import Budget, RunResult
 from benchmarks.settings import PROBLEM_DEFAULTS, SETTINGS
 
 TINY = {"block": 8, "width": 8, "layers": 1, "heads": 2, "val_windows": 16}
