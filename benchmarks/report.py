@@ -26,6 +26,9 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
 def summarize(results: Sequence[RunResult], *, classifier: bool, target: float | None = None) -> list[dict[str, Any]]:
     """One row per method (in the order first seen), numbers averaged over its seeds.
 
+    The time ratio to SGD-m is paired by seed: the mean (and standard deviation) over seeds of
+    the method's seconds per epoch over SGD-m's in the same seed -- the runs a side-by-side
+    main job trained together -- or, where no seed has both, the ratio of the two means.
     Diverged and failed runs are counted in ``status`` and left out of the averages;
     interrupted runs count with what they completed. With a ``target`` test loss, each row also
     holds the steps and training seconds to reach it (mean and standard deviation over the runs
@@ -36,6 +39,7 @@ def summarize(results: Sequence[RunResult], *, classifier: bool, target: float |
         by_method.setdefault(r.method, []).append(r)
     sgd = [r for r in by_method.get("SGD-m", []) if r.status in ("ok", "interrupted")]
     sgd_spe = _stats([r.seconds_per_epoch for r in sgd])[0]
+    sgd_by_seed = {r.seed: r.seconds_per_epoch for r in sgd if math.isfinite(r.seconds_per_epoch) and r.seconds_per_epoch > 0}
     rows = []
     for method, runs in by_method.items():
         usable = [r for r in runs if r.status in ("ok", "interrupted")]
@@ -44,6 +48,12 @@ def summarize(results: Sequence[RunResult], *, classifier: bool, target: float |
             (s if len(runs) == 1 else f"{s} {c}/{len(runs)}") for s, c in counts.items() if c
         )
         spe = _stats([r.seconds_per_epoch for r in usable])
+        per_seed = [r.seconds_per_epoch / sgd_by_seed[r.seed] for r in usable
+                    if r.seed in sgd_by_seed and math.isfinite(r.seconds_per_epoch)]
+        if per_seed:
+            ratio = _stats(per_seed)
+        else:
+            ratio = ((spe[0] / sgd_spe) if math.isfinite(sgd_spe) and sgd_spe > 0 else float("nan"), float("nan"))
         row = {
             "method": method,
             "runs": len(runs),
@@ -53,7 +63,9 @@ def summarize(results: Sequence[RunResult], *, classifier: bool, target: float |
             "best_train_loss": _stats([r.best_train_loss for r in usable]),
             "final_test_loss": _stats([r.test_loss[-1] if r.test_loss else float("nan") for r in usable]),
             "seconds_per_epoch": spe,
-            "time_ratio_to_sgd": (spe[0] / sgd_spe) if math.isfinite(sgd_spe) and sgd_spe > 0 else float("nan"),
+            "time_ratio_to_sgd": ratio[0],
+            "time_ratio_to_sgd_std": ratio[1],
+            "time_ratio_to_sgd_per_seed": per_seed,
             "ms_per_step": _stats([1000 * r.train_seconds / r.steps for r in usable if r.steps]),
             "state_mib": _stats([r.state_mib for r in usable]),
             "peak_mib": _stats([r.peak_mib for r in runs]),
@@ -108,7 +120,10 @@ def table_cells(rows: Sequence[dict[str, Any]], *, classifier: bool,
             line += [r.get("target_reached", "-"), _num(r.get("steps_to_target", float("nan")), ".0f", multi),
                      _num(r.get("seconds_to_target", float("nan")), ".1f", multi),
                      _num(r.get("ms_per_step", float("nan")), ".0f", False)]
-        line += [_num(r["seconds_per_epoch"], ".3f", False), _num(r["time_ratio_to_sgd"], ".2f", False),
+        ratio_std = r.get("time_ratio_to_sgd_std", float("nan"))
+        paired = multi and isinstance(ratio_std, float) and math.isfinite(ratio_std)
+        line += [_num(r["seconds_per_epoch"], ".3f", False),
+                 _num((r["time_ratio_to_sgd"], ratio_std), ".2f", paired),
                  _num(r["state_mib"], ".3f", False), _num(r["peak_mib"], ".1f", False)]
         cells.append(line)
     return header, cells

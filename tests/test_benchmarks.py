@@ -278,6 +278,29 @@ def test_closure_is_passed_to_methods_that_need_it():
     assert made[0].closure_losses[0] < r.step_loss[0]  # re-evaluated after a descent step
 
 
+def test_time_ratio_to_sgd_is_paired_by_seed():
+    """The x SGD-m column is the mean over seeds of each seed's ratio (the runs a side-by-side job
+    trained together), with its standard deviation; without a common seed, the ratio of means."""
+    from benchmarks.runner import RunResult
+
+    def run(method, seed, seconds, epochs=2.0):
+        r = RunResult(method, seed, {})
+        r.epoch, r.train_seconds, r.train_loss = [0.0, epochs], seconds, [1.0, 0.5]
+        return r
+
+    # seed 0: a slow machine (both 2x slower); seed 1: a fast one. Per seed both ratios are 3.
+    runs = [run("SGD-m", 0, 2.0), run("TNT", 0, 6.0), run("SGD-m", 1, 1.0), run("TNT", 1, 3.0),
+            run("Adam", 0, 3.0), run("Adam", 1, 2.0), run("Other", 7, 4.5)]
+    rows = {r["method"]: r for r in summarize(runs, classifier=False)}
+    assert rows["SGD-m"]["time_ratio_to_sgd"] == 1.0 and rows["SGD-m"]["time_ratio_to_sgd_std"] == 0.0
+    assert rows["TNT"]["time_ratio_to_sgd"] == pytest.approx(3.0) and rows["TNT"]["time_ratio_to_sgd_std"] == pytest.approx(0.0)
+    assert rows["TNT"]["time_ratio_to_sgd_per_seed"] == pytest.approx([3.0, 3.0])
+    assert rows["Adam"]["time_ratio_to_sgd"] == pytest.approx(1.75)  # (1.5 + 2) / 2, not 2.5 / 1.5
+    assert rows["Adam"]["time_ratio_to_sgd_std"] == pytest.approx(0.5 ** 0.5 / 2)
+    assert rows["Other"]["time_ratio_to_sgd"] == pytest.approx(2.25 / 0.75)  # no common seed: ratio of means
+    assert "3.00 ± 0.00" in format_table(list(rows.values()), classifier=False)
+
+
 def test_state_bytes_counts_nested_tensors():
     sd = {"a": torch.zeros(3, 4), "b": [torch.zeros(2, dtype=torch.float64), {"c": torch.zeros(5, dtype=torch.int8)}], "d": 1.0}
     assert state_bytes(sd) == 48 + 16 + 5
