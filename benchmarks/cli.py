@@ -27,7 +27,7 @@ from .methods import PREFERRED_ORDER, discover_methods
 from .plots import plot_curves
 from .problems import PROBLEMS, DataOptions, get_problem
 from .report import environment, format_table, load_runs, summarize, write_json
-from .drive import peak_memory, run_interleaved, run_one
+from .drive import TURN_STEPS, peak_memory, run_interleaved, run_one
 from .runner import Budget, RunResult, warm_up
 from .settings import PROBLEM_DEFAULTS, settings_for
 
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/<problem>/)")
     p.add_argument("--sequential", action="store_true",
                    help="train the methods of each seed one after another, each measuring its peak memory during "
-                   "its run (default: side by side, one epoch of each in turn, so that every method's clock sees the "
+                   "its run (default: side by side, one epoch (at most 50 steps) of each in turn, so that every method's clock sees the "
                    "same machine; peak memory then comes from a short run of each method alone). Side by side "
                    "holds every method's model and state at once: use --sequential where they do not fit together")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -171,7 +171,7 @@ def _write_outputs(payload: dict[str, Any], results: list[RunResult], out_dir: P
               else "the full training set")
     side = payload.get("schedule") == "interleaved"
     print(f"train loss: mean {what} on {subset}; s/epoch: training steps only"
-          + (", the methods of each seed trained side by side (one epoch of each in turn)" if side else "")
+          + (", the methods of each seed trained side by side (one epoch, at most 50 steps, of each in turn)" if side else "")
           + "; opt state: tensor bytes of optimizer.state_dict(); peak RSS: increase during "
           + ("a short run of the method alone" if side else "the run")
           + f", evaluation (in training-size batches) included ({', '.join(mem)})"
@@ -298,7 +298,7 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
                 break
     else:
         print(f"memory    peak RSS of each method training alone for {MEMORY_STEPS} steps; then the methods of each "
-              f"seed train side by side, one epoch of each in turn", flush=True)
+              f"seed train side by side, one epoch (at most {TURN_STEPS} steps) of each in turn", flush=True)
         peaks = {m: peak_memory(problem, split, methods[m], settings[m]["kwargs"], seed=args.seed,
                                 batch_size=batch_size, budget=budget, steps=MEMORY_STEPS) for m in chosen}
         for k, seed in enumerate(seeds):

@@ -1,9 +1,10 @@
 """How several runs are driven: one after another, or side by side.
 
 :func:`run_one` trains one method alone and measures its peak resident memory during the run;
-:func:`run_interleaved` trains several side by side, one epoch of each in turn (each run with
-its own random state, so the curves are those of a run alone to every digit), so that a ratio of
-their times compares methods that ran through the same states of the machine;
+:func:`run_interleaved` trains several side by side, one epoch of each in turn (at most
+:data:`TURN_STEPS` steps of it; each run with its own random state, so the curves are those of a
+run alone to every digit), so that a ratio of their times compares methods that ran through the
+same states of the machine;
 :func:`peak_memory` measures a method's memory in a short run alone, for the side-by-side runs,
 whose memory is resident together. Each run is a :class:`~benchmarks.runner.Run`.
 """
@@ -18,7 +19,12 @@ from .methods import MethodSpec
 from .problems import Problem
 from .runner import MIB, Budget, Run, RunResult
 
-__all__ = ["peak_memory", "run_interleaved", "run_one"]
+__all__ = ["TURN_STEPS", "peak_memory", "run_interleaved", "run_one"]
+
+#: The most training steps a run takes in one turn side by side: an epoch of the small problems
+#: (digits: 11-14 steps), a slice of a long one (char-lm: hundreds of steps per epoch), so that
+#: every method's turns stay a few seconds apart.
+TURN_STEPS = 50
 
 
 def _bar(total: float, unit: str, desc: str, progress: bool) -> Any:
@@ -92,9 +98,10 @@ def run_interleaved(
     progress: bool = True,
     position: str = "",
     eval_every: int | None = None,
+    turn_steps: int = TURN_STEPS,
 ) -> list[RunResult]:
-    """Train one fresh model per method side by side: each run trains one epoch in turn, round
-    after round, until every run has spent its budget, so that every method's clock runs through
+    """Train one fresh model per method side by side: each run trains one epoch (at most
+    ``turn_steps`` steps of it) in turn, round after round, until every run has spent its budget, so that every method's clock runs through
     the same states of the machine (a busy neighbour, frequency scaling, a slow phase of the host)
     instead of each method meeting its own. The curves equal :func:`run_one`'s to every digit
     (each run keeps its own random state); peak memory is not measured here (the runs' memory is
@@ -102,6 +109,8 @@ def run_interleaved(
 
     A ``KeyboardInterrupt`` marks the unfinished runs ``"interrupted"`` and returns what they had.
     """
+    if not (isinstance(turn_steps, int) and turn_steps >= 1):
+        raise ValueError(f"turn_steps must be an integer >= 1, got {turn_steps!r}")
     runs = [Run(problem, split, m, s, seed=seed, batch_size=batch_size, budget=budget, eval_every=eval_every)
             for m, s in zip(methods, settings)]
     total, unit = _budget_units(budget)
@@ -118,7 +127,7 @@ def run_interleaved(
                     continue
                 current = run
                 run.swap_in()
-                made = run.advance()
+                made = run.advance(turn_steps)
                 run.swap_out()
                 bar.update(made)
                 bar.set_postfix_str(run.method.name, refresh=False)

@@ -165,6 +165,8 @@ class Run:
         self.steps_per_epoch = split.n_train // batch_size  # the last partial batch is dropped
         self.done = False
         self._epoch = 0
+        self._perm: Tensor | None = None  # this epoch's data order, while the epoch is under way
+        self._next = 0  # the epoch's next step
         self._model: nn.Module | None = None
         self._opt: torch.optim.Optimizer | None = None
         self._order: torch.Generator | None = None
@@ -186,16 +188,21 @@ class Run:
         except Exception as exc:  # a failing optimizer must not take the other runs down
             self._fail(exc)
 
-    def advance(self) -> float:
-        """Train one epoch (less where the budget runs out first) and return the progress made in
+    def advance(self, max_steps: int | None = None) -> float:
+        """Train to the end of the epoch, or ``max_steps`` steps of it (less where the budget runs
+        out first; the next call goes on where this one stopped), and return the progress made in
         the budget's unit (epochs, steps or seconds)."""
         result, budget, problem, split, model = self.result, self.budget, self.problem, self.split, self._model
         assert model is not None and self._opt is not None and self._order is not None
         n, batch, steps_per_epoch = split.n_train, self.batch_size, self.steps_per_epoch
         seconds0, steps0 = result.train_seconds, result.steps
         try:
-            perm = torch.randperm(n, generator=self._order)
-            for i in range(steps_per_epoch):
+            if self._perm is None:
+                self._perm, self._next = torch.randperm(n, generator=self._order), 0
+            perm, first = self._perm, self._next
+            last = steps_per_epoch if max_steps is None else min(steps_per_epoch, first + max_steps)
+            for i in range(first, last):
+                self._next = i + 1
                 idx = perm[i * batch:(i + 1) * batch]
                 x, y = split.x_train[idx], split.y_train[idx]
                 start = time.perf_counter()
@@ -214,11 +221,14 @@ class Run:
                     if i + 1 < steps_per_epoch:
                         if not _record(result, model, problem, split, position, batch):
                             result.status, result.message = "diverged", f"non-finite training loss at epoch {position:.3g}"
-                        return self._progress(seconds0, steps0, position - self._epoch)
+                        return self._progress(seconds0, steps0, (i + 1 - first) / steps_per_epoch)
                     break
                 if self.eval_every and result.steps % self.eval_every == 0 and i + 1 < steps_per_epoch:
                     if not _record(result, model, problem, split, position, batch):
                         return self._diverged(f"non-finite training loss at step {result.steps}", seconds0, steps0)
+            if self._next < steps_per_epoch:  # this turn ended inside the epoch
+                return self._progress(seconds0, steps0, (self._next - first) / steps_per_epoch)
+            self._perm = None
             self._epoch += 1
             if not _record(result, model, problem, split, float(self._epoch), batch):
                 return self._diverged(f"non-finite training loss after epoch {self._epoch}", seconds0, steps0)
@@ -226,7 +236,8 @@ class Run:
                 self.done = True
         except Exception as exc:  # a failing optimizer must not take the other runs down
             self._fail(exc)
-        return self._progress(seconds0, steps0, 1.0)
+            return self._progress(seconds0, steps0, 0.0)
+        return self._progress(seconds0, steps0, (steps_per_epoch - first) / steps_per_epoch)
 
     def finish(self) -> RunResult:
         """Measure the optimizer state and release the model and optimizer; returns the result."""

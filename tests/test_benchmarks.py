@@ -204,23 +204,27 @@ class _NoisySGD(torch.optim.SGD):
 def test_interleaved_runs_equal_sequential_runs_to_every_digit():
     """Side by side, one epoch of each in turn: every run's curves and step losses are those it
     has alone, also for methods that draw from torch's global generator while they train (TNT
-    draws its sampling seed from it) and under a step budget that ends mid-epoch."""
+    draws its sampling seed from it), under a step budget that ends mid-epoch, and with turns
+    shorter than an epoch."""
     problem, split = _digits_small()
     found = discover_methods()[0]
     noisy = MethodSpec("noisy", lambda model, **kw: _NoisySGD(model.parameters(), lr=0.01, momentum=0.9), "test", False)
     methods = [noisy, found["TNT"], noisy, found["SGD-m"]]
     settings = [{}, {"lr": 3e-3, "damping": 0.1}, {}, {"lr": 0.01, "momentum": 0.9}]
-    for budget in (Budget(epochs=2), Budget(steps=11)):
-        alone = [run_one(problem, split, m, s, seed=3, batch_size=200, budget=budget, progress=False)
+    for budget, turn, every in ((Budget(epochs=2), 50, None), (Budget(steps=11), 50, None), (Budget(epochs=2), 3, 5)):
+        # turns of 3 steps split the 7-step epochs (char-lm's long epochs), with records every 5 steps
+        alone = [run_one(problem, split, m, s, seed=3, batch_size=200, budget=budget, progress=False, eval_every=every)
                  for m, s in zip(methods, settings)]
         together = run_interleaved(problem, split, methods, settings, seed=3, batch_size=200, budget=budget,
-                                   progress=False)
+                                   progress=False, eval_every=every, turn_steps=turn)
         for a, t in zip(alone, together):
             assert t.status == a.status == "ok" and t.method == a.method
             assert t.step_loss == a.step_loss and t.train_loss == a.train_loss and t.test_loss == a.test_loss
             assert t.epoch == a.epoch and t.step == a.step and t.steps == a.steps
             assert t.state_mib == a.state_mib and math.isnan(t.peak_mib)  # memory is measured alone
-    assert together[0].epoch[-1] == pytest.approx(11 / 7) and together[0].steps == 11
+        if budget.steps:
+            assert together[0].epoch[-1] == pytest.approx(11 / 7) and together[0].steps == 11
+    assert together[0].epoch == pytest.approx([0.0, 5 / 7, 1.0, 10 / 7, 2.0])  # the records every 5 steps
 
 
 def test_interleaved_runs_keep_going_past_a_failing_or_diverging_one():
