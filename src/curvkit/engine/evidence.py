@@ -41,7 +41,7 @@ from ..fisher import LossSpec, sampled_loss, sampled_output_gradient
 from ..hooks import LayerRecorder
 from ..interfaces import BlockEvidence, CurvatureEstimator, Source
 from .finite import finite_norms, scalar_tensor, zero_each_unless_, zero_unless
-from .health import HealthMonitor, index_tensor
+from .health import MESSAGES, HealthMonitor, index_tensor
 from .runstate import RunState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -608,9 +608,5 @@ def _sampled_root(
 
 
 def _partial_message(forwards: int) -> str:
-    return (
-        f"the model ran {forwards} forward passes with gradients before step(); a layer-based estimator "
-        f"reads the records of the last one only, so its statistics came from the last micro-batch "
-        f"(step once per forward, use an estimator that accumulates micro-batches, or -- K-BFGS -- "
-        f"take statistics on every step, curvature_every=1, when accumulating)"
-    )
+    """The health monitor's ``partial_evidence`` message with the number of forward passes."""
+    return MESSAGES["partial_evidence"].replace("several", str(forwards), 1)
