@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/<problem>/)")
     p.add_argument("--sequential", action="store_true",
                    help="train the methods of each seed one after another, each measuring its peak memory during "
-                   "its run (default: side by side, one epoch (at most 50 steps) of each in turn, so that every method's clock sees the "
+                   f"its run (default: side by side, one epoch (at most {TURN_STEPS} steps) of each in turn, so that every method's clock sees the "
                    "same machine; peak memory then comes from a short run of each method alone). Side by side "
                    "holds every method's model and state at once: use --sequential where they do not fit together")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -171,7 +171,7 @@ def _write_outputs(payload: dict[str, Any], results: list[RunResult], out_dir: P
               else "the full training set")
     side = payload.get("schedule") == "interleaved"
     print(f"train loss: mean {what} on {subset}; s/epoch: training steps only"
-          + (", the methods of each seed trained side by side (one epoch, at most 50 steps, of each in turn)" if side else "")
+          + (f", the methods of each seed trained side by side (one epoch, at most {TURN_STEPS} steps, of each in turn)" if side else "")
           + "; opt state: tensor bytes of optimizer.state_dict(); peak RSS: increase during "
           + ("a short run of the method alone" if side else "the run")
           + f", evaluation (in training-size batches) included ({', '.join(mem)})"

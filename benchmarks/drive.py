@@ -34,14 +34,6 @@ def _bar(total: float, unit: str, desc: str, progress: bool) -> Any:
                 bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} {unit} [{elapsed}<{remaining}{postfix}]")
 
 
-def _budget_units(budget: Budget) -> tuple[float, str]:
-    if budget.seconds is not None:
-        return budget.seconds, "s"
-    if budget.steps is not None:
-        return float(budget.steps), "step"
-    return float(budget.epochs), "epoch"  # type: ignore[arg-type]
-
-
 def run_one(
     problem: Problem,
     split: Split,
@@ -65,7 +57,7 @@ def run_one(
     ``KeyboardInterrupt`` ends the run with status ``"interrupted"`` and what it had so far.
     """
     run = Run(problem, split, method, settings, seed=seed, batch_size=batch_size, budget=budget, eval_every=eval_every)
-    total, unit = _budget_units(budget)
+    total, unit = budget.total, budget.unit
     bar = _bar(total, unit, f"{position}{method.name}", progress)
     meter = PeakRSS()
     try:
@@ -113,7 +105,7 @@ def run_interleaved(
         raise ValueError(f"turn_steps must be an integer >= 1, got {turn_steps!r}")
     runs = [Run(problem, split, m, s, seed=seed, batch_size=batch_size, budget=budget, eval_every=eval_every)
             for m, s in zip(methods, settings)]
-    total, unit = _budget_units(budget)
+    total, unit = budget.total, budget.unit
     bar = _bar(total * len(runs), unit, f"{position}seed {seed}", progress)
     current: Run | None = None
     try:
@@ -132,7 +124,9 @@ def run_interleaved(
                 bar.update(made)
                 bar.set_postfix_str(run.method.name, refresh=False)
                 if run.done:
-                    bar.update(max(0.0, total - _spent(run, budget)))  # a run that stopped early
+                    spent = budget.amount(seconds=run.result.train_seconds, steps=run.result.steps,
+                                          epochs=run.result.epochs_done)
+                    bar.update(max(0.0, total - spent))  # a run that stopped early
                     run.finish()
     except KeyboardInterrupt:
         for run in runs:
@@ -143,14 +137,6 @@ def run_interleaved(
         for run in runs:
             run.finish()
     return [run.result for run in runs]
-
-
-def _spent(run: Run, budget: Budget) -> float:
-    if budget.seconds is not None:
-        return run.result.train_seconds
-    if budget.steps is not None:
-        return float(run.result.steps)
-    return run.result.epochs_done
 
 
 def peak_memory(problem: Problem, split: Split, method: MethodSpec, settings: dict[str, Any], *, seed: int,

@@ -57,6 +57,21 @@ class Budget:
         if self.seconds is not None and not (self.seconds > 0 and math.isfinite(self.seconds)):
             raise ValueError(f"seconds must be a finite number > 0, got {self.seconds!r}")
 
+    @property
+    def unit(self) -> str:
+        """The unit progress is shown in: ``"s"`` where a time budget is given, else ``"step"``
+        where a step budget is, else ``"epoch"``."""
+        return "s" if self.seconds is not None else "step" if self.steps is not None else "epoch"
+
+    @property
+    def total(self) -> float:
+        """The budget in its :attr:`unit`."""
+        return float(self.seconds if self.seconds is not None else self.steps if self.steps is not None else self.epochs)  # type: ignore[arg-type]
+
+    def amount(self, *, seconds: float, steps: int, epochs: float) -> float:
+        """Of a training time, step count and epoch count, the one in :attr:`unit`."""
+        return {"s": seconds, "step": float(steps), "epoch": epochs}[self.unit]
+
 
 @dataclass
 class RunResult:
@@ -146,7 +161,8 @@ def _record(result: RunResult, model: nn.Module, problem: Problem, split: Split,
 
 
 class Run:
-    """One (method, seed) run that trains an epoch at a time, so that several runs can take turns.
+    """One (method, seed) run that trains a turn at a time (an epoch, or a slice of one), so that
+    several runs can take turns.
 
     Each run keeps its own copy of torch's global random state (saved when it hands over, restored
     when it resumes): methods that draw from the global generator (sampling seeds, dropout) see
@@ -259,11 +275,8 @@ class Run:
         self._rng = torch.get_rng_state()
 
     def _progress(self, seconds0: float, steps0: int, epochs: float) -> float:
-        if self.budget.seconds is not None:
-            return self.result.train_seconds - seconds0
-        if self.budget.steps is not None:
-            return float(self.result.steps - steps0)
-        return epochs
+        return self.budget.amount(seconds=self.result.train_seconds - seconds0, steps=self.result.steps - steps0,
+                                  epochs=epochs)
 
     def _diverged(self, message: str, seconds0: float, steps0: int) -> float:
         self.result.status, self.result.message = "diverged", message
