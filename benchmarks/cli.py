@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/<problem>/)")
     p.add_argument("--sequential", action="store_true",
                    help="train the methods of each seed one after another, each measuring its peak memory during "
-                   f"its run (default: side by side, one epoch (at most {TURN_STEPS} steps) of each in turn, so that every method's clock sees the "
+                   "its run, whose time then includes that measurement's allocator setting (glibc maps every "
+                   f"allocation from 64 KiB) (default: side by side, one epoch (at most {TURN_STEPS} steps) of each in turn, so that every method's clock sees the "
                    "same machine; peak memory then comes from a short run of each method alone). Side by side "
                    "holds every method's model and state at once: use --sequential where they do not fit together")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -173,7 +174,7 @@ def _write_outputs(payload: dict[str, Any], results: list[RunResult], out_dir: P
     print(f"train loss: mean {what} on {subset}; s/epoch: training steps only"
           + (f", the methods of each seed trained side by side (one epoch, at most {TURN_STEPS} steps, of each in turn)" if side else "")
           + "; opt state: tensor bytes of optimizer.state_dict(); peak RSS: increase during "
-          + ("a short run of the method alone" if side else "the run")
+          + ("a short run of the method alone" if side else "the run (timed with glibc mapping every allocation from 64 KiB, as the measurement needs)")
           + f", evaluation (in training-size batches) included ({', '.join(mem)})"
           + (f"; to {problem.test_name} {target:g}: steps and training seconds at the first evaluation at or "
              f"below it, over the seeds that reached it" if target is not None else ""))

@@ -3,10 +3,15 @@ budgets, divergence / error / Ctrl-C handling, and the files the command line wr
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +28,8 @@ from benchmarks.report import format_table, summarize
 from benchmarks.drive import peak_memory, run_interleaved, run_one
 from benchmarks.runner import Budget
 from benchmarks.settings import PROBLEM_DEFAULTS, SETTINGS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -303,6 +310,66 @@ def test_time_ratio_to_sgd_is_paired_by_seed():
     assert rows["Adam"]["time_ratio_to_sgd_std"] == pytest.approx(0.5 ** 0.5 / 2)
     assert rows["Other"]["time_ratio_to_sgd"] == pytest.approx(2.25 / 0.75)  # no common seed: ratio of means
     assert "3.00 ± 0.00" in format_table(list(rows.values()), classifier=False)
+
+
+_MAPPED_SHARE = """
+import ctypes, os, sys
+from benchmarks.memory import PeakRSS
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+
+def mapped_share(piece=256 * 1024, count=32):
+    # share of count fresh malloc(piece) blocks that glibc served by mmap
+    before = libc.mallinfo2().hblkhd
+    blocks = [libc.malloc(piece) for _ in range(count)]
+    mapped = libc.mallinfo2().hblkhd - before
+    for b in blocks:
+        libc.free(b)
+    return mapped / (piece * count)
+
+
+with PeakRSS():
+    inside = mapped_share()
+print(inside, mapped_share(), mapped_share(4 * 2**20))
+"""
+
+
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
+def test_memory_window_maps_large_blocks_and_hands_the_allocator_back_for_timing():
+    """Inside a PeakRSS window glibc maps blocks from 64 KiB (resident memory follows live
+    tensors); after it, blocks of 256 KiB and 4 MiB stay on the heap again, so that whatever is
+    timed next does not page-fault in its large temporaries at every step. A threshold the
+    environment sets is what the window hands back. (A fresh process each: the heap's free
+    blocks, which serve requests before any mapping, are then the same every time.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+
+    def shares(**extra: str) -> list[float]:
+        out = subprocess.run([sys.executable, "-c", _MAPPED_SHARE], env={**env, **extra}, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, check=True)
+        return [float(v) for v in out.stdout.split()]
+
+    inside, after, after_4m = shares()
+    assert inside > 0.9 and after == 0.0 and after_4m == 0.0
+    inside, after, after_4m = shares(MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    assert inside > 0.9 and after > 0.9 and after_4m > 0.9
 
 
 def test_state_bytes_counts_nested_tensors():
