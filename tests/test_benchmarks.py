@@ -518,3 +518,44 @@ def test_every_problem_and_known_method_has_recorded_settings():
                 continue
             setting = SETTINGS[name][method]
             assert setting.reason, (name, method)
+
+
+# --------------------------------------------------------------------------------------- work
+def test_work_counts_the_matrix_products_written_out_for_sgd_and_tnt():
+    """benchmarks.work on digits-ae against the flops of each product written out: SGD-m's
+    forward, weight gradients and input gradients (none for the data); TNT's sampled backward
+    pass on top, the two mode Grams of each (out, in) sampled gradient and the two mode products
+    of its direction; one inversion in the 20 counted steps (Cholesky and inverse for each of the
+    four factor sizes 128, 64, 32, 8)."""
+    from benchmarks.work import count_work, format_work
+
+    rows = {r["method"]: r for r in count_work("digits-ae", ["SGD-m", "TNT"], steps=20)}
+    widths, batch = [64, 128, 64, 32, 8, 32, 64, 128, 64], 100
+    pairs = list(zip(widths[:-1], widths[1:]))
+    weights = sum(i * o for i, o in pairs)
+    forward = weight_grads = 2 * batch * weights
+    input_grads = 2 * batch * (weights - widths[0] * widths[1])
+    sgd = forward + weight_grads + input_grads
+    grams = sum(2 * i * o * (i + o) for i, o in pairs)  # G G^T (2 o^2 i) and G^T G (2 o i^2)
+    tnt = sgd + (weight_grads + input_grads) + grams + grams  # the products V_1 M V_2^T cost the same
+    assert rows["SGD-m"]["mflop"] * 1e6 == pytest.approx(sgd, rel=1e-12)
+    assert rows["TNT"]["mflop"] * 1e6 == pytest.approx(tnt, rel=1e-12)
+    assert rows["TNT"]["mflop_ratio"] == pytest.approx(tnt / sgd)
+    assert rows["SGD-m"]["decompositions"] == 0 and rows["TNT"]["decompositions"] == pytest.approx(8 / 20)
+    assert rows["TNT"]["ops"] > 2 * rows["SGD-m"]["ops"] > 0
+    table = format_work(list(rows.values()))
+    assert "TNT" in table and f"{tnt / sgd:.2f}" in table
+
+
+def test_work_command_line_writes_its_table_and_json(tmp_path, capsys):
+    from benchmarks import work
+
+    assert work.main(["--methods", "SGD-m", "--steps", "2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "work.json").read_text())
+    assert data["problem"] == "digits-ae" and [r["method"] for r in data["rows"]] == ["SGD-m"]
+    assert data["rows"][0]["steps"] == 2 and data["rows"][0]["mflop_ratio"] == 1.0
+    assert "SGD-m" in (tmp_path / "work.txt").read_text() and "MFlop/step" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown methods"):
+        work.count_work("digits-ae", ["NoSuchMethod"], steps=1)
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        work.main(["--methods", "SGD-m", "--steps", "0"])
