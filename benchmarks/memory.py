@@ -17,8 +17,9 @@ The ``mmap`` setting lasts only while a :class:`PeakRSS` window is open: on exit
 training process (large blocks kept on the heap). Left at 64 KiB, every tensor of 64 KiB or more
 would be mapped, page-faulted in and unmapped at each step of whatever is timed next, which
 charged the methods with large temporaries (a 128 x 128 float32 factor is exactly 64 KiB) for the
-memory measurement: on the digits autoencoder 30 page faults per TNT step and none for SGD-m,
-2-3 % of TNT's time ratio.
+memory measurement: on the digits autoencoder 30 page faults per TNT step and none for SGD-m
+(TNT against SGD-m alone, alternating by epoch: 3.44-3.45x with the 64 KiB threshold, 3.37-3.39x
+without).
 """
 
 from __future__ import annotations
