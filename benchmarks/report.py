@@ -132,6 +132,12 @@ def table_cells(rows: Sequence[dict[str, Any]], *, classifier: bool,
 def format_table(rows: Sequence[dict[str, Any]], *, classifier: bool, rst: bool = False, test_name: str = "test") -> str:
     """The table as aligned plain text, or as a reStructuredText simple table (``rst=True``)."""
     header, cells = table_cells(rows, classifier=classifier, test_name=test_name)
+    return align_columns(header, cells, rst=rst)
+
+
+def align_columns(header: Sequence[str], cells: Sequence[Sequence[str]], *, rst: bool = False) -> str:
+    """String cells as left-aligned columns two spaces apart under a rule of dashes, or as a
+    reStructuredText simple table (``rst=True``)."""
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
     fmt = lambda line: "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
     if rst:

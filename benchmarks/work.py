@@ -40,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .methods import discover_methods
 from .problems import DataOptions, get_problem
-from .report import environment, write_json
+from .cli import _select
+from .report import align_columns, environment, write_json
 from .runner import _build, _train_step
 from .settings import PROBLEM_DEFAULTS, settings_for
 
@@ -130,9 +131,7 @@ def format_work(rows: Sequence[dict[str, Any]]) -> str:
         r["method"], f"{r['mflop']:.2f}", "-" if r["mflop_ratio"] is None else f"{r['mflop_ratio']:.2f}",
         f"{r['ops']:.0f}", "-" if r["ops_ratio"] is None else f"{r['ops_ratio']:.2f}", f"{r['decompositions']:.2f}",
     ) for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, tuple("-" * w for w in widths), *body)]
-    return "\n".join(lines)
+    return align_columns(head, body)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,10 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     problem = get_problem(args.problem)
     installed, _ = discover_methods()
-    if args.methods.strip().lower() == "all":
-        names = [m for m in installed if m not in problem.skip_methods]
-    else:
-        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    names, _ = _select(args.methods, list(installed), problem.skip_methods)
     threads = PROBLEM_DEFAULTS[problem.name].threads
     if threads is not None:
         torch.set_num_threads(threads)
